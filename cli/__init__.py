@@ -1,0 +1,1 @@
+"""Command line: `vlpost train|eval|check|score|rewards|demo|keys` (also `python -m cli`)."""

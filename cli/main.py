@@ -1,0 +1,153 @@
+"""The console script. Each subcommand is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import mopd  # noqa: F401  (registers the mopd advantage estimator)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from rl.config import load_config
+    from rl.trainer import Trainer
+
+    cfg, resolved = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg, resolved)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    summary = json.loads((cfg.run_dir / "eval" / "summary.json").read_text())
+    print(format_summary(summary))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from rl.config import load_config
+    from rl.config_check import check_config
+
+    cfg, _ = load_config(args.config, args.overrides)
+    problems, notes = check_config(cfg, require_files=args.require_files)
+    for note in notes:
+        print(f"  {note}")
+    if problems:
+        for p in problems:
+            print(f"error: {p}", file=sys.stderr)
+        return 1
+    print(f"{args.config}: OK")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from rl.eval_cli import run_eval
+
+    return run_eval(args)
+
+
+def _rewards(args: argparse.Namespace) -> int:
+    from rewards.registry import format_reward_table
+
+    print(format_reward_table())
+    return 0
+
+
+def _score(argv: list[str]) -> int:
+    from evals.score import main as score_main
+
+    return score_main(argv) or 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from rl.config import JobConfig
+    from rl.config_loader import describe_fields
+
+    print("| key | default | meaning |\n| --- | --- | --- |")
+    for key, default, help_text in describe_fields(JobConfig):
+        print(f"| `{key}` | `{default}` | {help_text} |")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
+
+    return run_demo(args.config, args.overrides)
+
+
+def format_summary(summary: dict) -> str:
+    rows = [f"{'domain':<12} {'before':>8} {'after':>8} {'teacher':>8} {'after/teacher':>14} {'n':>5}"]
+    for domain, r in summary["domains"].items():
+        teacher = r.get("teacher")
+        ratio = r.get("retention")
+        rows.append(
+            f"{domain:<12} {r['student_before']:>8.3f} {r['student_after']:>8.3f} "
+            f"{'-' if teacher is None else f'{teacher:.3f}':>8} "
+            f"{'' if ratio is None else f'{ratio:.0%}':>14} {r['n']:>5}"
+        )
+    return "\n".join(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlpost", description="Post-training of long-video multimodal MoE models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a training job (MOPD, GSPO, GRPO, SFT warm-up) from a YAML config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20 rollout.group_size=4")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("check", help="validate a config without running it")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--require-files", action="store_true", help="also fail when model/teacher folders are missing")
+    p.set_defaults(fn=_check)
+
+    p = sub.add_parser("eval", help="score a checkpoint, or every checkpoint of a run, on held-out tasks")
+    p.add_argument("path", help="a checkpoint folder or a run folder")
+    p.add_argument("--config", help="job config for tasks and rewards (default: the run's config.yaml)")
+    p.add_argument("--tasks", help="comma-separated domains to keep (default: all held-out tasks)")
+    p.add_argument("--benchmark", help="a benchmark adapter instead of the config's eval tasks (niah, bfcl, ...)")
+    p.add_argument("--annotations", help="the benchmark's files")
+    p.add_argument("--video-dir", help="video folder of a video benchmark")
+    p.add_argument("--limit", type=int, help="evaluate at most this many samples")
+    p.add_argument("--watch", action="store_true", help="keep scoring new checkpoints of the run as they appear")
+    p.add_argument("--poll", type=float, default=10.0, help="seconds between looks for new checkpoints (--watch)")
+    p.add_argument("--out", help="where to write the JSON (default: inside the run or checkpoint)")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("rewards", help="reward functions: `rewards list`")
+    p.add_argument("action", choices=["list"])
+    p.set_defaults(fn=_rewards)
+
+    p = sub.add_parser("demo", help="the embedded-default demo: teachers, base student, MOPD, report")
+    p.add_argument("--config", default=None, help="demo plan (default: configs/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="overrides applied to the MOPD stage")
+    p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("keys", help="print every config key with its default and meaning (Markdown)")
+    p.set_defaults(fn=_keys)
+
+    sub.add_parser("score", help="score a predictions file by a benchmark's official protocol (see score -h)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv and argv[0] == "score":
+        return _score(argv[1:])
+    args = build_parser().parse_args(argv)
+    from rl.config_loader import ConfigError
+
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The student's pieces: tokenizer, model factory, chat rendering with video tokens, freezing, DSA."""

@@ -1,0 +1,220 @@
+"""Score a batch of samples: route each to its domain's reward, run them in worker processes, collect results.
+
+A bad sample never crashes a run: InvalidAnswer becomes reward 0 counted by reason. A bad reward does: any other
+exception, a wrong-length return, NaN/inf or a non-number, or a timeout raises `RewardError` naming the reward and
+the sample (on_error="raise", the default), or yields 0 and is counted (on_error="zero").
+
+`score()` is not thread-safe; use one scorer per thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rewards.errors import RewardError, RewardSpecError
+from rewards.pool import Job, WorkerPool
+from rewards.registry import BatchReward, Outcome, get_reward
+from rewards.text import truncate
+
+
+@dataclass
+class RewardResult:
+    """rewards: `[B]` float64 (0 where failed or invalid; an invalid part of a combined reward adds 0). invalid: `[B]` bool. failed: `[B]` bool (errors zeroed
+    under on_error="zero"). invalid_reasons: "reward: reason" -> count. errors: one message per failed sample."""
+
+    rewards: np.ndarray
+    invalid: np.ndarray
+    invalid_reasons: Counter
+    errors: list[str]
+    failed: np.ndarray
+    domains: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """`reward/mean`, `reward/invalid_frac`, `reward/error_frac`, `reward/time_s`, and per domain
+        `reward/<domain>/mean` and `reward/<domain>/invalid_frac`."""
+        if len(self.rewards) == 0:
+            return {"reward/time_s": self.elapsed_s}
+        out = {
+            "reward/mean": float(self.rewards.mean()),
+            "reward/invalid_frac": float(self.invalid.mean()),
+            "reward/error_frac": float(self.failed.mean()),
+            "reward/time_s": float(self.elapsed_s),
+        }
+        domains = np.asarray(self.domains)
+        for domain in sorted(set(self.domains)):
+            mask = domains == domain
+            out[f"reward/{domain}/mean"] = float(self.rewards[mask].mean())
+            out[f"reward/{domain}/invalid_frac"] = float(self.invalid[mask].mean())
+        return out
+
+
+def _spec_key(spec: Any) -> str:
+    if callable(spec) and not isinstance(spec, BatchReward):
+        return f"callable:{getattr(spec, '__module__', '?')}.{getattr(spec, '__qualname__', repr(spec))}"
+    return json.dumps(spec, sort_keys=True, default=repr)
+
+
+class RewardScorer:
+    """Routes samples to rewards by domain and scores them.
+
+    routes: domain -> spec (a registered name, `module:function`, `file.py:function`, a callable, or a weighted
+        list `[{"reward": spec, "weight": w}, ...]`); a sample's `reward` key overrides its domain's spec.
+    num_workers: worker processes; 0 scores in this process (for tests and debugging; timeouts NOT enforced).
+    timeout_s: limit on one reward call (one sample; a whole chunk for TRL-style batch rewards).
+    on_error: "raise" (RewardError after the batch finishes) or "zero" (0 reward, counted in `errors`).
+    base_dir: folder relative file specs are resolved against (e.g. the config file's folder).
+    preload: modules imported in each worker first (ones that `register_reward` the names routes use).
+    chunk_size: samples per worker job; default spreads each route's samples over about 4 jobs per worker.
+    """
+
+    def __init__(
+        self,
+        routes: dict[str, Any],
+        num_workers: int = 2,
+        timeout_s: float = 10,
+        on_error: str = "raise",
+        base_dir: str | Path | None = None,
+        preload: Sequence[str] = (),
+        chunk_size: int | None = None,
+    ):
+        if on_error not in ("raise", "zero"):
+            raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
+        if num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        if not (timeout_s > 0 and math.isfinite(timeout_s)):
+            raise ValueError("timeout_s must be a positive number")
+        self.routes = dict(routes)
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.on_error = on_error
+        self.base_dir = str(base_dir) if base_dir is not None else None
+        self.preload = tuple(preload)
+        self.chunk_size = chunk_size
+        for module in self.preload:
+            __import__(module)
+        self._rewards: dict[str, BatchReward] = {}
+        for spec in self.routes.values():  # fail now on a bad spec, not mid-run
+            self._reward(spec)
+        self._pool: WorkerPool | None = None
+
+    def _reward(self, spec: Any) -> BatchReward:
+        key = _spec_key(spec)
+        if key not in self._rewards:
+            reward = get_reward(spec, base_dir=self.base_dir)
+            if self.num_workers > 0:
+                try:
+                    pickle.dumps(spec)
+                except Exception as exc:  # any pickling failure means the same thing here
+                    raise RewardSpecError(
+                        f"reward spec {spec!r:.80} cannot be sent to worker processes ({exc}); use a registered "
+                        "name, 'module:function', 'file.py:function', a module-level function, or num_workers=0"
+                    ) from exc
+            self._rewards[key] = reward
+        return self._rewards[key]
+
+    def _spec_for(self, sample: dict[str, Any], position: int) -> Any:
+        if sample.get("reward"):
+            return sample["reward"]
+        domain = sample.get("domain")
+        if domain not in self.routes:
+            known = ", ".join(sorted(map(str, self.routes))) or "(none)"
+            raise ValueError(
+                f"sample {sample.get('id', position)!r}: no reward route for domain {domain!r}; routes: {known}"
+            )
+        return self.routes[domain]
+
+    def score(self, samples: Sequence[dict[str, Any]]) -> RewardResult:
+        """Rewards for `samples` (dicts with id, domain, prompt, completion, reference, metadata, optional
+        reward). Metadata reaches the reward as keyword arguments, plus `domain` unless metadata has its own."""
+        start = time.monotonic()
+        groups: dict[str, list[int]] = {}
+        specs: dict[str, Any] = {}
+        items: list[tuple[Any, ...]] = []
+        for position, sample in enumerate(samples):
+            completion = sample.get("completion")
+            if not isinstance(completion, str):
+                raise TypeError(f"sample {sample.get('id', position)!r}: completion must be a str")
+            spec = self._spec_for(sample, position)
+            key = _spec_key(spec)
+            self._reward(spec)
+            specs[key] = spec
+            groups.setdefault(key, []).append(position)
+            meta = {"domain": sample.get("domain"), **(sample.get("metadata") or {})}
+            items.append((str(sample.get("prompt") or ""), completion, sample.get("reference"), meta))
+
+        outcomes: dict[int, Outcome] = {}
+        if self.num_workers == 0:
+            for key, indices in groups.items():
+                columns = list(zip(*(items[i] for i in indices)))
+                for index, outcome in zip(indices, self._rewards[key].outcomes(*(list(c) for c in columns))):
+                    outcomes[index] = outcome
+        elif groups:
+            outcomes = self._pool_run(groups, specs, items)
+        return self._collect(samples, groups, outcomes, time.monotonic() - start)
+
+    def _pool_run(self, groups: dict[str, list[int]], specs: dict[str, Any], items: list) -> dict[int, Outcome]:
+        if self._pool is None:
+            self._pool = WorkerPool(self.num_workers, self.timeout_s, self.base_dir, self.preload)
+        jobs = []
+        for key, indices in groups.items():
+            size = self.chunk_size or max(1, math.ceil(len(indices) / (4 * self.num_workers)))
+            for start in range(0, len(indices), size):
+                chunk = indices[start : start + size]
+                jobs.append(Job(key, specs[key], chunk, [items[i] for i in chunk]))
+        return self._pool.run(jobs)
+
+    def _collect(self, samples, groups, outcomes: dict[int, Outcome], elapsed: float) -> RewardResult:
+        n = len(samples)
+        rewards, invalid, failed = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
+        reasons: Counter = Counter()
+        errors: list[str] = []
+        for key, indices in groups.items():
+            name = self._rewards[key].name
+            for i in indices:
+                outcome = outcomes[i]
+                if outcome.error:
+                    failed[i] = True
+                    sample = samples[i]
+                    errors.append(
+                        f"reward {name!r} failed on sample {sample.get('id', i)!r} "
+                        f"(completion {truncate(sample['completion'], 80)!r}): {outcome.error}"
+                    )
+                    continue
+                rewards[i] = outcome.value
+                if outcome.invalid:
+                    invalid[i] = True
+                    reasons.update(outcome.invalid)
+        if errors and self.on_error == "raise":
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise RewardError(errors[0] + more, errors)
+        domains = [str(s.get("domain")) for s in samples]
+        return RewardResult(rewards, invalid, reasons, errors, failed, domains, elapsed)
+
+    def close(self) -> None:
+        """Stop the worker processes (a later `score` starts new ones)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> RewardScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to report to
+            pass

@@ -1,0 +1,1 @@
+"""The one training loop and the registries of policy losses and advantage estimators."""

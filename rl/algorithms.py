@@ -1,0 +1,249 @@
+"""Policy losses and advantage estimators: small registered functions over `[B, T]` tensors.
+
+Adding an algorithm is one function and one name:
+
+    @register_policy_loss("my_loss")
+    def my_loss(logp, old_logp, advantages, mask, cfg, weights=None) -> (loss, metrics): ...
+
+    @register_advantage_estimator("my_adv")
+    def my_adv(rewards, group_ids, mask, cfg, rollouts=None) -> advantages: ...
+
+Shapes: logp, old_logp, advantages, mask, weights `[B, T]` over response tokens (mask 1 = counted);
+rewards, group_ids `[B]`. `cfg` is a mapping or an object with attributes (`clip_low`, `clip_high`, ...);
+missing optional keys take the defaults documented on each function. `weights` are per-token importance
+weights against the sampler (truncated IS), detached; None means 1.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+from collections.abc import Callable
+
+import torch
+
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+AdvantageEstimator = Callable[..., torch.Tensor]
+
+_POLICY_LOSSES: dict[str, PolicyLoss] = {}
+_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+# Estimators that live in other packages register themselves on import; named here so lookups find them.
+_PLUGIN_MODULES = {"mopd": "mopd.estimator"}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    def wrap(fn: PolicyLoss) -> PolicyLoss:
+        _POLICY_LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    def wrap(fn: AdvantageEstimator) -> AdvantageEstimator:
+        _ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
+    if name not in table and name in _PLUGIN_MODULES:
+        importlib.import_module(_PLUGIN_MODULES[name])
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def get_policy_loss(name: str) -> PolicyLoss:
+    """`fn(logp, old_logp, advantages, mask, cfg, weights=None) -> (loss, metrics)`."""
+    return _lookup(_POLICY_LOSSES, name, "policy loss")
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    """`fn(rewards, group_ids, mask, cfg, rollouts=None) -> advantages [B, T]`."""
+    return _lookup(_ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+
+
+def policy_loss_names() -> list[str]:
+    return sorted(_POLICY_LOSSES)
+
+
+def advantage_estimator_names() -> list[str]:
+    for module in _PLUGIN_MODULES.values():
+        importlib.import_module(module)
+    return sorted(_ADVANTAGE_ESTIMATORS)
+
+
+def cfg_get(cfg: Any, key: str, default: Any) -> Any:
+    """Read `key` from a mapping or an attribute object, with a default."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1; 0 (not NaN) where nothing is counted."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def aggregate_token_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce a per-token loss `[B, T]` to a scalar.
+
+    - "seq_mean_token_mean" (default): each sequence's token mean, then the mean over sequences that have at
+      least one counted token (every sequence weighs the same, whatever its length: GSPO's and GRPO's papers).
+    - "token_mean": all counted tokens pooled (long sequences weigh more; DAPO).
+    - "seq_mean_token_sum_norm": token sums divided by B*T (Dr. GRPO: no length normalisation per sequence).
+    """
+    if mode == "seq_mean_token_mean":
+        lengths = mask.sum(-1)
+        has_tokens = (lengths > 0).float()
+        per_seq = (loss * mask).sum(-1) / lengths.clamp(min=1)
+        return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    if mode == "token_mean":
+        return masked_mean(loss, mask)
+    if mode == "seq_mean_token_sum_norm":
+        return (loss * mask).sum() / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"unknown loss aggregation {mode!r}; use seq_mean_token_mean, token_mean or seq_mean_token_sum_norm")
+
+
+def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-response group mean, unbiased group std and group size of `values [B]`, by vectorised scatter."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    values = values.double()
+    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
+    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values)
+    mean = total / count
+    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, (values - mean[inverse]) ** 2)
+    std = torch.sqrt(sq / (count - 1).clamp(min=1))
+    return mean[inverse], std[inverse], count[inverse]
+
+
+# ----------------------------------------------------------------------------- advantage estimators
+
+
+@register_advantage_estimator("grpo")
+def group_normalized_advantage(
+    rewards: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, cfg: Any = None, rollouts: Any = None
+) -> torch.Tensor:
+    """Outcome advantage `A_i = (r_i - mean_group) / (std_group + eps)`, the same for every token of response i.
+
+    cfg: `norm_std` (default True; False gives Dr. GRPO's mean-centring only), `adv_eps` (1e-6).
+    A group whose rewards are all equal gets 0 (never NaN); a group of one response gets 0.
+    """
+    mean, std, count = group_stats(rewards, group_ids)
+    adv = rewards.double() - mean
+    if cfg_get(cfg, "norm_std", True):
+        adv = adv / (std + cfg_get(cfg, "adv_eps", 1e-6))
+    adv = torch.where(count > 1, adv, torch.zeros_like(adv))
+    return adv.to(mask.dtype).unsqueeze(-1) * mask
+
+
+register_advantage_estimator("gspo")(group_normalized_advantage)
+
+
+@register_advantage_estimator("sft")
+def supervised_advantage(
+    rewards: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, cfg: Any = None, rollouts: Any = None
+) -> torch.Tensor:
+    """A = 1 on every token: with the `nll` loss on demonstration responses this is supervised fine-tuning."""
+    return mask.clone()
+
+
+# ----------------------------------------------------------------------------- policy losses
+
+
+def _clip_bounds(cfg: Any) -> tuple[float, float]:
+    return float(cfg_get(cfg, "clip_low", 0.2)), float(cfg_get(cfg, "clip_high", 0.2))
+
+
+@register_policy_loss("gspo")
+def gspo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
+    """GSPO: sequence-level, length-normalised ratio `s_i = exp(mean_t(logp - old_logp))`, clipped to
+    `[1 - clip_low, 1 + clip_high]`; objective `min(s_i A_i, clip(s_i) A_i)` with `A_i` the token mean of the
+    advantages; loss = -mean over sequences (the paper's aggregation; cfg `loss_agg="token_mean"` weighs each
+    sequence by its length instead). `weights` (truncated IS) enter as their per-sequence token mean.
+    """
+    low, high = _clip_bounds(cfg)
+    lengths = mask.sum(-1)
+    has_tokens = (lengths > 0).to(logp.dtype)
+    log_ratio = masked_mean(logp - old_logp, mask, dim=-1)
+    ratio = torch.exp(log_ratio)
+    adv = masked_mean(advantages, mask, dim=-1)
+    clipped_ratio = torch.clamp(ratio, 1 - low, 1 + high)
+    objective = torch.minimum(ratio * adv, clipped_ratio * adv)
+    if weights is not None:
+        objective = objective * masked_mean(weights, mask, dim=-1).detach()
+    if cfg_get(cfg, "loss_agg", "seq_mean_token_mean") == "token_mean":
+        seq_weight = lengths / lengths.sum().clamp(min=1)
+        loss = -(objective * seq_weight).sum()
+    else:
+        loss = -(objective * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+    with torch.no_grad():
+        clipped = ((ratio * adv) > (clipped_ratio * adv)).float()
+        metrics = {
+            "actor/clip_frac": float((clipped * has_tokens).sum() / has_tokens.sum().clamp(min=1)),
+            "actor/ratio_mean": float((ratio * has_tokens).sum() / has_tokens.sum().clamp(min=1)),
+        }
+    return loss, metrics
+
+
+def _token_clipped_objective(ratio, advantages, low, high):
+    clipped_ratio = torch.clamp(ratio, 1 - low, 1 + high)
+    objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    clipped = ((ratio * advantages) > (clipped_ratio * advantages)).float()
+    return objective, clipped
+
+
+@register_policy_loss("gspo_token")
+def gspo_token_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
+    """GSPO-token: `s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)]` (value s_i, gradient per token), so per-token
+    advantages (MOPD's reverse KL) keep their token resolution; equals GSPO when advantages are constant within
+    a sequence. Aggregation: cfg `loss_agg` (default seq_mean_token_mean, the paper's)."""
+    low, high = _clip_bounds(cfg)
+    log_ratio_seq = masked_mean(logp - old_logp, mask, dim=-1).detach()
+    ratio = torch.exp(log_ratio_seq.unsqueeze(-1) + logp - logp.detach())
+    objective, clipped = _token_clipped_objective(ratio, advantages, low, high)
+    if weights is not None:
+        objective = objective * weights.detach()
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
+    metrics = {
+        "actor/clip_frac": float(masked_mean(clipped, mask)),
+        "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
+    }
+    return loss, metrics
+
+
+@register_policy_loss("grpo")
+def grpo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
+    """GRPO / PPO-clip with a token-level ratio `r_t = exp(logp_t - old_logp_t)` clipped to
+    `[1 - clip_low, 1 + clip_high]`. Aggregation: cfg `loss_agg` (default seq_mean_token_mean)."""
+    low, high = _clip_bounds(cfg)
+    ratio = torch.exp(logp - old_logp)
+    objective, clipped = _token_clipped_objective(ratio, advantages, low, high)
+    if weights is not None:
+        objective = objective * weights.detach()
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
+    metrics = {
+        "actor/clip_frac": float(masked_mean(clipped, mask)),
+        "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
+    }
+    return loss, metrics
+
+
+@register_policy_loss("nll")
+def nll_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
+    """`-A_t * logp_t` without a ratio: supervised fine-tuning when A = 1 (the `sft` estimator)."""
+    objective = advantages * logp
+    if weights is not None:
+        objective = objective * weights.detach()
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "token_mean"))
+    return loss, {}

@@ -1,0 +1,77 @@
+"""`check`: everything that can be validated without weights or data, so a cluster job fails here, not later."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from rl.algorithms import advantage_estimator_names, policy_loss_names
+from rl.config import JobConfig
+
+
+def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, notes). Problems make `check` fail; notes say what could not be verified here."""
+    problems: list[str] = []
+    notes: list[str] = []
+    alg = cfg.algorithm
+    if alg.advantage not in advantage_estimator_names():
+        problems.append(f"algorithm.advantage: {alg.advantage!r} is not registered ({', '.join(advantage_estimator_names())})")
+    if alg.policy_loss not in policy_loss_names():
+        problems.append(f"algorithm.policy_loss: {alg.policy_loss!r} is not registered ({', '.join(policy_loss_names())})")
+    if alg.mopd_topk and not all(t.topk >= alg.mopd_topk for t in cfg.teachers):
+        problems.append(f"algorithm.mopd_topk={alg.mopd_topk} needs every teacher's topk >= {alg.mopd_topk}")
+
+    from rewards.registry import get_reward
+
+    for domain, spec in cfg.rewards.routes.items():
+        try:
+            get_reward(spec)
+        except Exception as err:  # noqa: BLE001 - report any failure to resolve, with its key
+            problems.append(f"rewards.routes.{domain}: {err}")
+
+    def need(path: str | None, key: str) -> None:
+        if path is None or Path(path).exists():
+            return
+        if require_files:
+            problems.append(f"{key}: {path} not found")
+        else:
+            notes.append(f"{key}: {path} not found here (fine for `check`; `train` needs it)")
+
+    need(cfg.model.path, "model.path")
+    for i, t in enumerate(cfg.teachers):
+        need(t.path, f"teachers.{i}.path ({t.name})")
+    if cfg.model.tokenizer not in ("model", "embedded"):
+        need(cfg.model.tokenizer, "model.tokenizer")
+
+    train_domains = _static_domains(cfg.data.train)
+    if cfg.teachers and train_domains:
+        served = {d for t in cfg.teachers for d in t.domains}
+        if "*" not in served:
+            missing = sorted(train_domains - served)
+            if missing:
+                problems.append(f"teachers: no teacher serves training domain(s) {missing}")
+    if train_domains:
+        missing = sorted(d for d in train_domains if d not in cfg.rewards.routes)
+        if missing:
+            problems.append(f"rewards.routes: no reward for training domain(s) {missing}")
+
+    backends = {cfg.rollout.backend} | {t.backend for t in cfg.teachers}
+    if "vllm" in backends and importlib.util.find_spec("vllm") is None:
+        notes.append("vLLM is not installed here: `pip install -e \".[vllm]\"` where the job runs")
+    gpus = cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + sum(t.num_workers * t.gpus_per_worker for t in cfg.teachers)
+    if gpus:
+        notes.append(f"GPUs requested by Ray actors: {gpus:g} (rollout + teachers), plus the trainer's")
+    return problems, notes
+
+
+def _static_domains(tasks) -> set[str]:
+    """Domains known from the config alone (embedded tasks list theirs); others are only known at run time."""
+    domains: set[str] = set()
+    for task in tasks:
+        if task.source == "embedded":
+            from tasks.embedded import DOMAINS
+
+            domains.update(task.args.get("domains", DOMAINS))
+        elif "domain" in task.args:
+            domains.add(task.args["domain"])
+    return domains

@@ -1,0 +1,65 @@
+"""The training prompt stream: a seeded permutation per epoch, with a position that checkpoints save."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from tasks.base import Sample, get_task_source
+
+
+def load_tasks(task_configs: list[Any], seed: int) -> list[Sample]:
+    """Instantiate every configured task source and collect its samples (errors name the source)."""
+    import tasks.embedded  # noqa: F401  (registers the embedded source)
+
+    try:  # benchmark adapters register themselves when their package is importable
+        import evals  # noqa: F401
+    except ImportError:
+        pass
+    samples: list[Sample] = []
+    for i, task in enumerate(task_configs):
+        args = dict(task.args)
+        args.setdefault("seed", seed) if task.source == "embedded" else None
+        try:
+            source = get_task_source(task.source)(**args)
+        except TypeError as err:
+            raise ValueError(f"data task #{i} (source {task.source!r}): bad arguments {args}: {err}") from err
+        samples.extend(source)
+    if not samples:
+        raise ValueError("the configured task sources yielded no samples")
+    return samples
+
+
+class PromptStream:
+    """Yields batches of samples; every epoch is a fresh permutation drawn from (seed, epoch)."""
+
+    def __init__(self, samples: list[Sample], seed: int):
+        self.samples = samples
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(f"{self.seed}-{self.epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[Sample]:
+        batch = []
+        while len(batch) < n:
+            if self.position >= len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._permutation()
+            batch.append(self.samples[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = self._permutation()

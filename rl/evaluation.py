@@ -1,0 +1,75 @@
+"""Held-out evaluation: generate with a model (student or teacher, in its own view), score with the same
+rewards as training, and report per domain (with length / depth / task breakdowns and grounding metrics)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from models.chat import ChatRenderer
+from rollout.base import SamplingSettings
+from rollout.hf_engine import HFEngine
+from tasks.base import Sample
+from teachers.views import view_messages
+
+BREAKDOWN_KEYS = ("task", "length", "depth")
+
+
+@torch.no_grad()
+def generate_completions(
+    model, renderer: ChatRenderer, samples: list[Sample], settings: SamplingSettings, batch_size: int, view: str = "native"
+) -> list[str]:
+    """Model answers to `samples` (rendered in `view`), decoded without special tokens."""
+    engine = HFEngine(model=model, batch_size=batch_size)
+    settings = dataclasses.replace(settings, suppress_token_ids=renderer.placeholder_ids)
+    prompts = [renderer.render(view_messages(s, view), s.tools) for s in samples]
+    was_training = model.training
+    gens = engine.generate(prompts, settings)
+    model.train(was_training)
+    return [renderer.decode_response(ids) for ids in gens.response_ids]
+
+
+def score_completions(samples: list[Sample], completions: list[str], scorer, routes: dict[str, Any]) -> dict[str, Any]:
+    """Per-domain report: mean reward, count, invalid count, breakdowns, and R1@t / mIoU for IoU rewards."""
+    result = scorer.score(
+        [
+            {"id": s.id, "domain": s.domain, "prompt": "", "completion": c, "reference": s.reference,
+             "metadata": s.metadata, "reward": s.reward}
+            for s, c in zip(samples, completions)
+        ]
+    )
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_domain[s.domain].append(i)
+    report: dict[str, Any] = {}
+    for domain, idx in sorted(by_domain.items()):
+        values = [float(result.rewards[i]) for i in idx]
+        entry: dict[str, Any] = {
+            "mean_reward": sum(values) / len(values),
+            "n": len(values),
+            "invalid": int(sum(bool(result.invalid[i]) for i in idx)),
+        }
+        breakdown: dict[str, dict[str, float]] = {}
+        for key in BREAKDOWN_KEYS:
+            groups: dict[str, list[float]] = defaultdict(list)
+            for i in idx:
+                if key in samples[i].metadata:
+                    groups[str(samples[i].metadata[key])].append(float(result.rewards[i]))
+            if len(groups) > 1:
+                breakdown[key] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+        if breakdown:
+            entry["breakdown"] = breakdown
+        if routes.get(domain) == "temporal_iou":
+            from rewards.temporal import grounding_metrics
+
+            entry["grounding"] = grounding_metrics(values)
+        report[domain] = entry
+    return report
+
+
+def evaluate_model(model, renderer, samples, scorer, routes, settings, batch_size, view="native") -> dict[str, Any]:
+    completions = generate_completions(model, renderer, samples, settings, batch_size, view)
+    return score_completions(samples, completions, scorer, routes)

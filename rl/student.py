@@ -1,0 +1,79 @@
+"""Set up the student for training: tokenizer, model (built or loaded), frozen vision, optional LoRA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.factory import TinyModelSpec, build_model, load_model, load_tokenizer, save_model
+from models.freezing import freeze_vision
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_tokenizer(cfg, data_dir: str = ".cache/embedded"):
+    """`model.tokenizer`: 'model' (the model folder's own), 'embedded' (built once from the embedded suite and
+    cached), or a folder."""
+    choice = cfg.model.tokenizer
+    if choice == "model":
+        if cfg.model.path is None:
+            raise ValueError("model.tokenizer is 'model' but model.path is null: name a tokenizer or use 'embedded'")
+        return load_tokenizer(cfg.model.path)
+    if choice == "embedded":
+        from tasks.embedded import embedded_tokenizer
+
+        return embedded_tokenizer(data_dir)
+    if not Path(choice).exists():
+        raise FileNotFoundError(f"model.tokenizer: folder {choice} not found")
+    return load_tokenizer(choice)
+
+
+def build_student(cfg, tokenizer):
+    """The student as the config asks: loaded from `model.path` or built from `model.tiny`; vision frozen."""
+    if cfg.model.path is not None:
+        if not Path(cfg.model.path).exists():
+            raise FileNotFoundError(f"model.path: {cfg.model.path} not found")
+        model = load_model(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
+    else:
+        spec = TinyModelSpec(**{k: v for k, v in vars(cfg.model.tiny).items()})
+        model = build_model(spec, tokenizer, seed=cfg.run.seed).to(DTYPES[cfg.model.dtype])
+    frozen = freeze_vision(model) if cfg.model.freeze_vision else []
+    if cfg.model.lora.enabled:
+        model = _add_lora(model, cfg.model.lora)
+    return model, frozen
+
+
+def _add_lora(model, lora_cfg):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        # Only the language model's projections: the vision tower stays frozen and untouched.
+        exclude_modules=r".*visual.*",
+    )
+    return get_peft_model(model, config)
+
+
+def merged_model(model):
+    """The plain transformers model to save or sync: LoRA merged into a copy's weights when present."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_student(model, tokenizer, folder: Path) -> None:
+    """Hugging Face folder (merged weights, safetensors) plus, with LoRA, the adapter for resuming."""
+    save_model(merged_model(model), tokenizer, folder)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(str(Path(folder) / "adapter"))
+
+
+def student_state_dict(model) -> dict[str, torch.Tensor]:
+    """Weights in the plain model's naming (what rollout engines load)."""
+    return {k: v.detach() for k, v in merged_model(model).state_dict().items()}

@@ -1,0 +1,156 @@
+"""Ray actors that host engines (rollout engines, teachers), and the pool that shards work over them.
+
+One mechanism for both: an actor builds an object from `module:Class` and keyword arguments, then runs its
+methods. A worker that dies or raises is reported with the pool's name, the worker index and what it was doing
+(the first sample ids of its shard), never as a bare Ray traceback. `num_workers=0` hosts the object in the
+calling process (tests, debugging, single-process runs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+from collections.abc import Callable
+
+import ray
+
+
+class WorkerError(RuntimeError):
+    """A hosted worker failed; the message says which pool, which worker and what it was doing."""
+
+
+def build_object(target: str, kwargs: dict[str, Any]) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(**kwargs)
+
+
+@ray.remote
+class HostActor:
+    """Hosts one object built from `target` ("module:Class"); `call` runs one of its methods."""
+
+    def __init__(self, target: str, kwargs: dict[str, Any], threads: int):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.obj = build_object(target, kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.obj, method)(*args, **kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def ensure_ray(address: str | None) -> None:
+    """Start (or connect to) Ray once per process. Locally, actors reserve no CPU: the loop runs them in turn."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, ignore_reinit_error=True)
+    else:
+        ray.init(
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            log_to_driver=True,
+            configure_logging=False,
+            num_cpus=os.cpu_count(),
+        )
+
+
+class ActorPool:
+    """`num_workers` hosted copies of one object; `map` shards a list over them and concatenates results."""
+
+    def __init__(
+        self,
+        name: str,
+        target: str,
+        kwargs: dict[str, Any],
+        num_workers: int = 1,
+        threads: int = 0,
+        gpus_per_worker: float = 0.0,
+        ray_address: str | None = None,
+    ):
+        self.name = name
+        self.local = None
+        self.actors: list[Any] = []
+        if num_workers == 0:
+            self.local = build_object(target, kwargs)
+            return
+        ensure_ray(ray_address)
+        options: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus_per_worker, "max_concurrency": 1}
+        if gpus_per_worker > 0:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            group = placement_group([{"GPU": gpus_per_worker, "CPU": 1}] * num_workers, strategy="PACK")
+            ray.get(group.ready())
+            self.actors = [
+                HostActor.options(
+                    **options,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+                ).remote(target, kwargs, threads)
+                for i in range(num_workers)
+            ]
+        else:
+            self.actors = [HostActor.options(**options).remote(target, kwargs, threads) for i in range(num_workers)]
+        # Surface construction errors (missing model folder, bad kwargs) now, with the pool's name.
+        self._gather([a.pid.remote() for a in self.actors], ["starting"] * len(self.actors))
+
+    @property
+    def size(self) -> int:
+        return 1 if self.local is not None else len(self.actors)
+
+    def map(
+        self,
+        method: str,
+        items: list[Any],
+        *extra_lists: list[Any],
+        describe: Callable[[list[Any]], str] = lambda shard: f"{len(shard)} items",
+        combine: Callable[[list[Any]], Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Call `method(shard, *extra_shards, shard_index=i, **kwargs)` on contiguous shards; combine results."""
+        if self.local is not None:
+            try:
+                return getattr(self.local, method)(items, *extra_lists, shard_index=0, **kwargs)
+            except Exception as err:
+                raise WorkerError(f"{self.name} (in-process) failed while {method} on {describe(items)}: {err}") from err
+        n = len(self.actors)
+        bounds = [len(items) * i // n for i in range(n + 1)]
+        futures, doing = [], []
+        for i, actor in enumerate(self.actors):
+            lo, hi = bounds[i], bounds[i + 1]
+            if lo == hi:
+                continue
+            shard_args = [items[lo:hi]] + [lst[lo:hi] for lst in extra_lists]
+            futures.append(actor.call.remote(method, *shard_args, shard_index=i, **kwargs))
+            doing.append(f"worker {i} {method} on {describe(items[lo:hi])}")
+        results = self._gather(futures, doing)
+        return combine(results) if combine else results[0] if len(results) == 1 else results
+
+    def broadcast(self, method: str, *args: Any, what: str = "") -> None:
+        """Run `method(*args)` on every worker (weight sync); large args are put in the object store once."""
+        if self.local is not None:
+            getattr(self.local, method)(*args)
+            return
+        refs = [ray.put(a) for a in args]
+        self._gather([a.call.remote(method, *refs) for a in self.actors], [f"worker {i} {what or method}" for i in range(len(self.actors))])
+
+    def _gather(self, futures: list[Any], doing: list[str]) -> list[Any]:
+        out = []
+        for future, what in zip(futures, doing):
+            try:
+                out.append(ray.get(future))
+            except ray.exceptions.RayActorError as err:
+                raise WorkerError(f"{self.name}: {what}: the actor died ({type(err).__name__}: {err})") from err
+            except ray.exceptions.RayTaskError as err:
+                cause = err.cause if getattr(err, "cause", None) is not None else err
+                raise WorkerError(f"{self.name}: {what}: {type(cause).__name__}: {cause}") from err
+        return out
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

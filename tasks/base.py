@@ -1,0 +1,98 @@
+"""The sample record every task source yields, and the registry of task sources.
+
+A `Sample` is model-agnostic: chat messages whose user content may hold video parts. Turning it into token ids
+(and pixel tensors) is the model side's job (`models.chat`), and a teacher may first swap the video for its text
+rendition (`teachers.views`), which is why the video part carries timestamps and optional per-frame captions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+
+@dataclass
+class VideoPart:
+    """A clip, by value (`frames`) or by reference (`path`, decoded in the data workers).
+
+    frames: uint8 `[T, H, W, 3]` or None when only `path` is known yet.
+    timestamps: seconds of each kept frame, `len == T` once decoded.
+    captions: optional text rendition per frame (what a text-only teacher sees instead of pixels).
+    """
+
+    frames: np.ndarray | None = None
+    path: str | None = None
+    timestamps: list[float] = field(default_factory=list)
+    captions: list[str] | None = None
+    fps: float | None = None
+
+
+@dataclass
+class Sample:
+    """One prompt with its reference answer.
+
+    messages: chat messages `{"role", "content"}`; `content` is a string, or a list of parts
+        (`{"type": "text", "text": ...}` / `{"type": "video", "video": VideoPart}`).
+    domain: routing key for rewards and teachers ("video", "retrieval", "tool", "reasoning", ...).
+    reference: JSON-serialisable ground truth read by the domain's reward.
+    reward: reward name overriding the domain default, or None.
+    target: a demonstration answer (for supervised warm-up of teachers and the base student), or None.
+    tools: tool schemas offered to the model (rendered by the chat template), or None.
+    metadata: per-sample facts kept for breakdowns (haystack length, needle depth, fps, source file ...).
+    """
+
+    id: str
+    domain: str
+    messages: list[dict[str, Any]]
+    reference: Any
+    reward: str | None = None
+    target: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def videos(self) -> list[VideoPart]:
+        """The video parts of all messages, in order."""
+        out = []
+        for message in self.messages:
+            content = message["content"]
+            if isinstance(content, list):
+                out.extend(part["video"] for part in content if part.get("type") == "video")
+        return out
+
+
+class TaskSource:
+    """Yields samples of one split. Subclasses implement `__iter__` and `__len__`; training and eval share them."""
+
+    name: str = "task"
+
+    def __iter__(self) -> Iterator[Sample]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+_TASK_SOURCES: dict[str, Callable[..., TaskSource]] = {}
+
+
+def register_task_source(name: str) -> Callable[[Callable[..., TaskSource]], Callable[..., TaskSource]]:
+    """Decorator: make a task source constructible by name from YAML (`tasks.train: [{source: NAME, ...}]`)."""
+
+    def wrap(factory: Callable[..., TaskSource]) -> Callable[..., TaskSource]:
+        if name in _TASK_SOURCES:
+            raise ValueError(f"task source {name!r} is registered twice")
+        _TASK_SOURCES[name] = factory
+        return factory
+
+    return wrap
+
+
+def get_task_source(name: str) -> Callable[..., TaskSource]:
+    """The factory registered under `name`; the error lists the known names."""
+    if name not in _TASK_SOURCES:
+        known = ", ".join(sorted(_TASK_SOURCES)) or "(none)"
+        raise KeyError(f"unknown task source {name!r}; known: {known}")
+    return _TASK_SOURCES[name]

@@ -1,0 +1,326 @@
+"""The embedded default suite: four tiny but real domains, generated deterministically by seed.
+
+1. video   - temporal grounding: a clip where an object of a named colour is visible during [s, e] seconds.
+2. retrieval - a haystack of `key: value` records and a question about one key (length and depth recorded).
+3. tool    - a question that needs a tool (calculator or lookup table); the answer is a JSON tool call that the
+             environment executes.
+4. reasoning - short arithmetic / comparison with a checkable answer.
+
+Samples are stored with `datasets` (one dataset per domain and split) so that a run reads exactly the data it
+trained on; frames are kept as raw uint8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+from collections.abc import Iterator
+
+import numpy as np
+from datasets import Dataset, load_from_disk
+
+from tasks.base import Sample, TaskSource, VideoPart, register_task_source
+
+DOMAINS = ("video", "retrieval", "tool", "reasoning")
+
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 220, 40),
+}
+KEY_WORDS = (
+    "apple river stone cloud maple tiger piano lemon cedar delta eagle flint grape harbor ivory jade kite lotus "
+    "mango nickel olive pearl quartz raven silver tulip umber violet willow xenon yarrow zebra amber birch coral "
+    "dune ember fern glacier hazel iris juniper kelp lilac meadow north ocean pine quill reef sage thistle"
+).split()
+# Values are whole words too, so that retrieving one is a single copy (a tiny model learns it in minutes).
+VALUE_WORDS = (
+    "gold blue bird fish wolf bear frog lamp desk rope ship coin ring bell drum horn king moon star sun rain "
+    "snow wind fire salt milk corn rice bean nut egg"
+).split()
+
+VIDEO_FPS = 1.0
+VIDEO_FRAMES = 8
+# Frames pair up into temporal groups (the vision tower's temporal patch), so events start and end on whole groups.
+GROUP_SECONDS = 2
+FRAME_SIZE = 16
+
+CALCULATOR_SCHEMA = {
+    "name": "calculator",
+    "description": "Evaluate an arithmetic expression.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+}
+LOOKUP_SCHEMA = {
+    "name": "lookup",
+    "description": "Look a key up in a named table.",
+    "parameters": {
+        "type": "object",
+        "properties": {"table": {"type": "string"}, "key": {"type": "string"}},
+        "required": ["table", "key"],
+    },
+}
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
+    """A clip of 8 frames at 1 fps (8 s); the named colour is visible during [s, e), on 2-second groups."""
+    names = list(COLOURS)
+    target_colour = rng.choice(names)
+    distractor = rng.choice([c for c in names if c != target_colour])
+    duration = int(VIDEO_FRAMES / VIDEO_FPS)
+    g = GROUP_SECONDS
+    start = rng.randrange(0, duration, g)
+    end = rng.randrange(start + g, duration + 1, g)
+    d_start = rng.randrange(0, duration, g)
+    d_end = rng.randrange(d_start + g, duration + 1, g)
+    np_rng = np.random.default_rng(rng.randrange(1 << 30))
+    frames = np_rng.integers(0, 40, size=(VIDEO_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
+    timestamps = [i / VIDEO_FPS for i in range(VIDEO_FRAMES)]
+    captions = []
+    for i, t in enumerate(timestamps):
+        visible = []
+        # The target square sits in the top half and the distractor in the bottom half: never occluded.
+        for row, colour, (s, e) in ((0, target_colour, (start, end)), (8, distractor, (d_start, d_end))):
+            if s <= t < e:
+                x = int(np_rng.integers(0, FRAME_SIZE - 8 + 1))
+                frames[i, row : row + 8, x : x + 8] = COLOURS[colour]
+                visible.append(f"{colour} square")
+        captions.append(", ".join(visible) if visible else "nothing")
+    question = f"When is the {target_colour} square visible? Answer as [start, end] in seconds."
+    video = VideoPart(frames=frames, timestamps=timestamps, captions=captions, fps=VIDEO_FPS)
+    return Sample(
+        id=f"video-{split}-{idx}",
+        domain="video",
+        messages=[{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}],
+        reference=[float(start), float(end)],
+        target=f"[{start}, {end}]",
+        metadata={"task": "temporal_grounding", "duration": float(duration), "colour": target_colour},
+    )
+
+
+def make_retrieval_sample(rng: random.Random, idx: int, split: str, lengths: tuple[int, ...]) -> Sample:
+    """`n` records `key: value`; the question asks for one key at a recorded depth."""
+    n = rng.choice(lengths)
+    keys = rng.sample(KEY_WORDS, n)
+    values = [rng.choice(VALUE_WORDS) for _ in keys]
+    pos = rng.randrange(n)
+    # "- key: value" lines: key and value tokenise the same here as in the question and the answer (" key",
+    # " value"), so retrieval is a pure copy rather than a copy plus a learned token mapping.
+    haystack = "\n".join(f"- {k}: {v}" for k, v in zip(keys, values))
+    question = f"{haystack}\nWhat is the value of {keys[pos]}?"
+    return Sample(
+        id=f"retrieval-{split}-{idx}",
+        domain="retrieval",
+        messages=[{"role": "user", "content": question}],
+        reference={"key": keys[pos], "value": values[pos]},
+        # Restating the key first turns the answer into the classic induction pattern (" key" ":" -> " value").
+        target=f" {keys[pos]}: {values[pos]}",
+        metadata={"task": "kv_retrieval", "length": n, "depth": round(pos / max(n - 1, 1), 2)},
+    )
+
+
+def make_tool_sample(rng: random.Random, idx: int, split: str) -> Sample:
+    """Either a calculator question or a lookup in a table that only the tool environment holds."""
+    if rng.random() < 0.5:
+        a, b = rng.randrange(10, 100), rng.randrange(10, 100)
+        op = rng.choice(["+", "-", "*"])
+        expression = f"{a} {op} {b}"
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        question = f"Use the calculator to compute {expression}."
+        call = {"name": "calculator", "arguments": {"expression": expression}}
+        env: dict[str, Any] = {}
+        task = "calculator"
+    else:
+        keys = rng.sample(KEY_WORDS, 6)
+        table = {k: rng.choice(VALUE_WORDS) for k in keys}
+        key = rng.choice(keys)
+        answer = table[key]
+        question = f'Use the lookup tool to find the price of "{key}".'
+        call = {"name": "lookup", "arguments": {"table": "price", "key": key}}
+        env = {"tables": {"price": table}}
+        task = "lookup"
+    return Sample(
+        id=f"tool-{split}-{idx}",
+        domain="tool",
+        messages=[{"role": "user", "content": question}],
+        reference={"answer": answer},
+        target=f"<tool_call>{json.dumps(call)}</tool_call>",
+        tools=[CALCULATOR_SCHEMA, LOOKUP_SCHEMA],
+        metadata={"task": task, "tool_env": env},
+    )
+
+
+def make_reasoning_sample(rng: random.Random, idx: int, split: str) -> Sample:
+    """Single-digit sums and differences, or the larger of two numbers."""
+    kind = rng.choice(["add", "sub", "max"])
+    if kind == "add":
+        a, b = rng.randrange(10), rng.randrange(10)
+        question, answer = f"What is {a} + {b}?", a + b
+    elif kind == "sub":
+        a = rng.randrange(10)
+        b = rng.randrange(a + 1)
+        question, answer = f"What is {a} - {b}?", a - b
+    else:
+        a, b = rng.sample(range(10, 100), 2)
+        question, answer = f"Which is larger, {a} or {b}?", max(a, b)
+    return Sample(
+        id=f"reasoning-{split}-{idx}",
+        domain="reasoning",
+        messages=[{"role": "user", "content": question}],
+        reference=str(answer),
+        target=str(answer),
+        metadata={"task": kind},
+    )
+
+
+def generate(domain: str, split: str, n: int, seed: int, retrieval_lengths: tuple[int, ...] = (4, 6, 8)) -> list[Sample]:
+    """`n` samples of one domain and split; train and eval use disjoint seeds."""
+    rng = random.Random(f"{seed}-{domain}-{split}")
+    if domain == "video":
+        return [make_video_sample(rng, i, split) for i in range(n)]
+    if domain == "retrieval":
+        return [make_retrieval_sample(rng, i, split, retrieval_lengths) for i in range(n)]
+    if domain == "tool":
+        return [make_tool_sample(rng, i, split) for i in range(n)]
+    if domain == "reasoning":
+        return [make_reasoning_sample(rng, i, split) for i in range(n)]
+    raise ValueError(f"unknown embedded domain {domain!r}; known: {', '.join(DOMAINS)}")
+
+
+# ----------------------------------------------------------------------------- storage (datasets)
+
+
+def _to_row(sample: Sample) -> dict[str, Any]:
+    video = None
+    messages = []
+    for message in sample.messages:
+        content = message["content"]
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part["type"] == "video":
+                    video = part["video"]
+                    parts.append({"type": "video"})
+                else:
+                    parts.append(part)
+            content = parts
+        messages.append({"role": message["role"], "content": content})
+    return {
+        "id": sample.id,
+        "domain": sample.domain,
+        "messages": json.dumps(messages),
+        "reference": json.dumps(sample.reference),
+        "target": sample.target or "",
+        "tools": json.dumps(sample.tools),
+        "metadata": json.dumps(sample.metadata),
+        "frames": video.frames.tobytes() if video is not None else b"",
+        "frames_shape": list(video.frames.shape) if video is not None else [],
+        "timestamps": list(video.timestamps) if video is not None else [],
+        "captions": list(video.captions or []) if video is not None else [],
+        "fps": float(video.fps or 0.0) if video is not None else 0.0,
+    }
+
+
+def _from_row(row: dict[str, Any]) -> Sample:
+    messages = json.loads(row["messages"])
+    for message in messages:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part["type"] == "video":
+                    frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+                    part["video"] = VideoPart(
+                        frames=frames, timestamps=list(row["timestamps"]), captions=list(row["captions"]) or None,
+                        fps=row["fps"] or None,
+                    )
+    return Sample(
+        id=row["id"],
+        domain=row["domain"],
+        messages=messages,
+        reference=json.loads(row["reference"]),
+        target=row["target"] or None,
+        tools=json.loads(row["tools"]),
+        metadata=json.loads(row["metadata"]),
+    )
+
+
+def build_suite(data_dir: str | Path, seed: int, n_train: int, n_eval: int, domains: tuple[str, ...] = DOMAINS) -> Path:
+    """Generate and store every domain's train and eval split under `data_dir` (skipped when already there)."""
+    data_dir = Path(data_dir)
+    for domain in domains:
+        for split, n in (("train", n_train), ("eval", n_eval)):
+            out = data_dir / f"seed{seed}" / domain / split
+            if (out / "dataset_info.json").exists() and len(load_from_disk(str(out))) == n:
+                continue
+            rows = [_to_row(s) for s in generate(domain, split, n, seed)]
+            Dataset.from_list(rows).save_to_disk(str(out))
+    return data_dir / f"seed{seed}"
+
+
+@register_task_source("embedded")
+class EmbeddedTasks(TaskSource):
+    """One or more embedded domains of one split, read from the stored datasets (built on first use)."""
+
+    name = "embedded"
+
+    def __init__(
+        self,
+        data_dir: str = ".cache/embedded",
+        split: str = "train",
+        domains: list[str] | tuple[str, ...] = DOMAINS,
+        seed: int = 0,
+        n_train: int = 2000,
+        n_eval: int = 64,
+        limit: int | None = None,
+    ):
+        for domain in domains:
+            if domain not in DOMAINS:
+                raise ValueError(f"unknown embedded domain {domain!r}; known: {', '.join(DOMAINS)}")
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        root = build_suite(data_dir, seed, n_train, n_eval, tuple(domains))
+        self.samples: list[Sample] = []
+        for domain in domains:
+            ds = load_from_disk(str(root / domain / split))
+            rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+            self.samples.extend(_from_row(r) for r in rows)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return iter(self.samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def tokenizer_corpus(seed: int = 1, n: int = 300) -> Iterator[str]:
+    """Text the embedded tokenizer is trained on: every domain's prompts and answers, and the timestamp format."""
+    for domain in DOMAINS:
+        for s in generate(domain, "train", n, seed):
+            for message in s.messages:
+                content = message["content"]
+                yield content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+            yield s.target or ""
+            if s.tools:
+                yield json.dumps(s.tools)
+    for t in range(0, 64):
+        yield f"<{t:.1f} seconds> <{t + 0.5:.1f} seconds>"
+
+
+def embedded_tokenizer(data_dir: str | Path = ".cache/embedded", vocab_size: int = 1024):
+    """The project tokenizer for the embedded suite, trained once and cached under `data_dir/tokenizer`."""
+    from models.tokenizer import train_tokenizer
+    from transformers import AutoTokenizer
+
+    path = Path(data_dir) / f"tokenizer_v{vocab_size}"
+    if (path / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)
+    tmp = path.with_name(path.name + ".tmp")
+    tokenizer.save_pretrained(str(tmp))
+    if not path.exists():
+        tmp.rename(path)
+    return AutoTokenizer.from_pretrained(str(path))
