@@ -133,6 +133,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
+def quiet_libraries() -> None:
+    """Silence per-load progress bars of transformers and datasets (a run loads models many times)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(str(path))
 

@@ -26,7 +26,7 @@ import yaml
 
 from models.batching import pack, response_logits, token_logprobs
 from models.chat import ChatRenderer
-from models.factory import vision_layout
+from models.factory import quiet_libraries, vision_layout
 from rewards.scorer import RewardScorer
 from rl.algorithms import aggregate_token_loss, get_advantage_estimator, get_policy_loss, masked_mean
 from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
@@ -45,6 +45,7 @@ from teachers.routing import Route, TeacherRouter
 
 class Trainer:
     def __init__(self, cfg: JobConfig, resolved: dict[str, Any] | None = None):
+        quiet_libraries()
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)

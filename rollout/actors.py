@@ -30,6 +30,9 @@ class HostActor:
     """Hosts one object built from `target` ("module:Class"); `call` runs one of its methods."""
 
     def __init__(self, target: str, kwargs: dict[str, Any], threads: int):
+        from models.factory import quiet_libraries
+
+        quiet_libraries()
         if threads:
             import torch
 

@@ -1,0 +1,131 @@
+"""The training loop end to end on a tiny student: frozen vision, exact resume, bad samples, routing to
+teachers in their views, and the run's files (resolved config, atomic checkpoints, eval summary, plot)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mopd  # noqa: F401  (registers the mopd estimator)
+from models.factory import TinyModelSpec, build_model, load_model, save_model
+from rl.config import load_config
+from rl.trainer import Trainer
+from tasks.embedded import embedded_tokenizer
+
+TINY = dict(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32, intermediate_size=64,
+            moe_intermediate_size=32, num_experts=2, experts_per_token=1)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tokenizer, a student and two teachers (one multimodal, one text-only of another family), saved."""
+    root = tmp_path_factory.mktemp("ws")
+    torch.set_num_threads(1)
+    tok = embedded_tokenizer(root / "data")
+    save_model(build_model(TinyModelSpec(family="qwen3_vl_moe", **TINY), tok, seed=1), tok, root / "student")
+    save_model(build_model(TinyModelSpec(family="qwen3_vl_moe", **TINY), tok, seed=2), tok, root / "teacher_vl")
+    save_model(build_model(TinyModelSpec(family="qwen3", **TINY), tok, seed=3), tok, root / "teacher_text")
+    return root
+
+
+def job(workspace: Path, name: str, extra: dict | None = None, overrides: list[str] | None = None):
+    data_args = {"data_dir": str(workspace / "data"), "n_train": 16, "n_eval": 4}
+    cfg = {
+        "run": {"name": name, "dir": str(workspace / "runs"), "seed": 3},
+        "model": {"path": str(workspace / "student"), "tokenizer": "model"},
+        "data": {
+            "train": [{"source": "embedded", "args": {**data_args, "split": "train"}}],
+            "eval": [{"source": "embedded", "args": {**data_args, "split": "eval"}}],
+            "prompts_per_step": 4,
+        },
+        "rollout": {"backend": "hf", "num_workers": 0, "group_size": 2, "max_new_tokens": 6},
+        "teachers": [
+            {"name": "vl", "path": str(workspace / "teacher_vl"), "domains": ["video"], "num_workers": 0},
+            {"name": "text", "path": str(workspace / "teacher_text"), "domains": ["retrieval", "tool", "reasoning"],
+             "view": "text", "num_workers": 0},
+        ],
+        "algorithm": {"advantage": "mopd", "policy_loss": "gspo_token"},
+        "rewards": {"num_workers": 0},
+        "optim": {"lr": 1e-3},
+        "trainer": {"steps": 4, "checkpoint_every": 2, "keep_checkpoints": 0, "micro_batch_size": 3,
+                    "eval_at_start": True, "eval_teachers": True},
+        "eval": {"max_new_tokens": 6},
+        "logging": {"progress": False, "tensorboard": False},
+    }
+    for key, value in (extra or {}).items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    path = workspace / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_config(path, overrides or [])
+
+
+def run(cfg_and_resolved) -> Trainer:
+    cfg, resolved = cfg_and_resolved
+    trainer = Trainer(cfg, resolved)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["actor/loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mopd_run_freezes_vision_and_writes_run_files(workspace):
+    trainer = run(job(workspace, "mopd"))
+    run_dir = trainer.run_dir
+    before = load_model(run_dir / "checkpoints" / "step_000000").state_dict()
+    after = load_model(run_dir / "final").state_dict()
+    vision = [k for k in before if ".visual." in f".{k}"]
+    assert vision, "the student should have a vision tower"
+    for key in vision:
+        assert torch.equal(before[key], after[key]), f"frozen weight {key} changed"
+    changed = [k for k in before if k not in vision and not torch.equal(before[k], after[k])]
+    assert changed, "the language model should have been updated"
+    # frozen parameters carry no optimizer state
+    state = trainer.optimizer.state_dict()["state"]
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert len(state) == len(trainable) < len(list(trainer.model.parameters()))
+    # the run's files
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["rollout"]["group_size"] == 2 and resolved["teachers"][1]["view"] == "text"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step_000000", "step_000002", "step_000004"]
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(summary["domains"]) == {"video", "retrieval", "tool", "reasoning"}
+    for row in summary["domains"].values():
+        assert {"student_before", "student_after", "teacher", "n"} <= set(row)
+    assert (run_dir / "plots" / "heldout_reward.png").stat().st_size > 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all("mopd/reverse_kl" in r for r in records)
+    assert any("mopd/reverse_kl/video" in r for r in records) and any("mopd/reverse_kl/tool" in r for r in records)
+
+
+def test_resume_continues_exactly(workspace):
+    straight = run(job(workspace, "straight"))
+    first = run(job(workspace, "resumed", overrides=["trainer.steps=2"]))
+    assert len(losses(first.run_dir)) == 2
+    second = run(job(workspace, "resumed"))  # same run folder: resumes from step 2
+    expected, got = losses(straight.run_dir), losses(second.run_dir)
+    assert len(got) == 4
+    assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    a = load_model(straight.run_dir / "final").state_dict()
+    b = load_model(second.run_dir / "final").state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bad_answers_get_zero_and_are_counted(workspace):
+    """A random student writes unparsable intervals, bad tool JSON and empty answers: reward 0, counted."""
+    trainer = run(job(workspace, "grpo_bad", {"teachers": [], "algorithm": {"advantage": "grpo", "policy_loss": "grpo"},
+                                              "trainer": {"steps": 2, "eval_teachers": False}}))
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["reward/invalid_frac"] > 0 for r in records)
+    assert all(r["reward/mean"] == pytest.approx(0.0, abs=0.51) for r in records)
