@@ -97,6 +97,11 @@ class RolloutConfig:
     threads_per_worker: int = _help("torch CPU threads of each rollout actor.", default=2)
     ray_address: str | None = _help("Ray cluster address; null starts a local Ray instance.", default=None)
     gpus_per_worker: float = _help("GPUs per rollout actor (Ray placement).", default=0.0)
+    engine_args: dict[str, Any] = _help(
+        "Extra keyword arguments of the engine (vLLM: tensor_parallel_size, gpu_memory_utilization, weight_sync, "
+        "check_sync, enable_sleep_mode, ...; see docs/vllm.md).",
+        default_factory=dict,
+    )
 
 
 @dataclass
@@ -118,6 +123,7 @@ class TeacherConfig:
     gpus_per_worker: float = _help("GPUs per teacher actor (Ray placement).", default=0.0)
     batch_size: int = _help("Sequences per teacher forward pass.", default=64)
     template_kwargs: dict[str, Any] = _help("Extra chat-template arguments of this teacher.", default_factory=dict)
+    engine_args: dict[str, Any] = _help("Extra keyword arguments of the teacher backend (vLLM settings).", default_factory=dict)
 
 
 @dataclass

@@ -43,6 +43,7 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
     if cfg.model.tokenizer not in ("model", "embedded"):
         need(cfg.model.tokenizer, "model.tokenizer")
 
+    problems.extend(_check_task_sources(cfg))
     train_domains = _static_domains(cfg.data.train)
     if cfg.teachers and train_domains:
         served = {d for t in cfg.teachers for d in t.domains}
@@ -62,6 +63,58 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
     if gpus:
         notes.append(f"GPUs requested by Ray actors: {gpus:g} (rollout + teachers), plus the trainer's")
     return problems, notes
+
+
+def _check_task_sources(cfg: JobConfig) -> list[str]:
+    """Each task source is registered and its arguments are ones it accepts (typos caught before any run)."""
+    import inspect
+
+    import tasks.embedded  # noqa: F401  (registers the built-in sources)
+    from tasks.base import get_task_source
+
+    try:
+        import evals  # noqa: F401
+        import tasks.embedded_video  # noqa: F401
+    except ImportError:
+        pass
+    problems = []
+    for split in ("train", "eval"):
+        for i, task in enumerate(getattr(cfg.data, split)):
+            key = f"data.{split}.{i}"
+            try:
+                factory = get_task_source(task.source)
+            except KeyError as err:
+                problems.append(f"{key}.source: {err.args[0]}")
+                continue
+            params = inspect.signature(factory).parameters
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                target = getattr(factory, "__wrapped__", None) or _source_class(factory)
+                params = inspect.signature(target).parameters if target is not None else params
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+                continue
+            for arg in task.args:
+                if arg not in params:
+                    import difflib
+
+                    close = difflib.get_close_matches(arg, list(params), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else f"; accepted: {', '.join(params)}"
+                    problems.append(f"{key}.args.{arg}: not an argument of task source {task.source!r}{hint}")
+    return problems
+
+
+def _source_class(factory):
+    """A factory function `def x_source(**kwargs): return XSource(**kwargs)` names its class in its annotation."""
+    annotation = inspect_return(factory)
+    return annotation if isinstance(annotation, type) else None
+
+
+def inspect_return(factory):
+    import typing
+
+    try:
+        return typing.get_type_hints(factory).get("return")
+    except Exception:  # noqa: BLE001 - unresolvable annotations: no class to inspect
+        return None
 
 
 def _static_domains(tasks) -> set[str]:

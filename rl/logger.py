@@ -27,7 +27,12 @@ class MetricsLogger:
             except ImportError as err:
                 raise ImportError("logging.wandb=true needs the wandb package: pip install wandb") from err
             self.wandb = wandb_module.init(project=wandb_project, name=Path(run_dir).name, config=config, resume="allow")
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True)
+        import sys
+
+        # In a log file (no terminal) a redraw per step is noise: refresh every 10 s there.
+        interval = 0.1 if sys.stderr.isatty() else 10.0
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, disable=not progress, dynamic_ncols=True,
+                        mininterval=interval)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -42,7 +47,8 @@ class MetricsLogger:
 
     def progress(self, metrics: dict[str, float]) -> None:
         shown = {}
-        for key, label in (("reward/mean", "reward"), ("mopd/reverse_kl", "kl"), ("actor/loss", "loss")):
+        keys = (("reward/mean", "reward"), ("mopd/reverse_kl", "kl"), ("actor/loss", "loss"), ("time/step_s", "s/step"))
+        for key, label in keys:
             if key in metrics:
                 shown[label] = f"{metrics[key]:.3f}"
         self.bar.set_postfix(shown)

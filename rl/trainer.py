@@ -43,6 +43,10 @@ from teachers.base import combine_scores
 from teachers.routing import Route, TeacherRouter
 
 
+# Teacher backends by config name: "module:Class" hosted in the teacher actors.
+TEACHER_BACKENDS = {"hf": "teachers.hf_teacher:HFTeacher", "vllm": "teachers.vllm_teacher:VLLMTeacher"}
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, resolved: dict[str, Any] | None = None):
         quiet_libraries()
@@ -143,7 +147,7 @@ class Trainer:
         r = self.cfg.rollout
         from rl.checkpoint import latest_checkpoint as latest
 
-        kwargs = {"model_path": str(latest(self.run_dir)), "batch_size": r.batch_size}
+        kwargs = {"model_path": str(latest(self.run_dir)), "batch_size": r.batch_size, **r.engine_args}
         return ActorPool(
             "rollout", "rollout.worker:RolloutWorker", {"backend": r.backend, "engine_kwargs": kwargs},
             num_workers=r.num_workers, threads=r.threads_per_worker, gpus_per_worker=r.gpus_per_worker,
@@ -159,9 +163,9 @@ class Trainer:
                 raise FileNotFoundError(f"teachers.{t.name}.path: {t.path} not found")
             routes.append(Route(t.name, tuple(t.domains), tuple(t.modalities), t.weight))
             kwargs = {"name": t.name, "path": t.path, "view": t.view, "topk": t.topk, "batch_size": t.batch_size,
-                      "template_kwargs": t.template_kwargs}
+                      "template_kwargs": t.template_kwargs, **t.engine_args}
             pools[t.name] = ActorPool(
-                f"teacher {t.name}", "teachers.hf_teacher:HFTeacher", kwargs, num_workers=t.num_workers,
+                f"teacher {t.name}", TEACHER_BACKENDS[t.backend], kwargs, num_workers=t.num_workers,
                 threads=t.threads_per_worker, gpus_per_worker=t.gpus_per_worker, ray_address=self.cfg.rollout.ray_address,
             )
         router = TeacherRouter(routes)
@@ -190,6 +194,7 @@ class Trainer:
         logger = MetricsLogger(
             self.run_dir, cfg.trainer.steps, self.step, progress=cfg.logging.progress,
             tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
+            desc=cfg.run.name,
         )
         try:
             if self.step == 0 and cfg.trainer.eval_at_start and not self._evaluated(0):
@@ -518,31 +523,10 @@ class Trainer:
         return out
 
     def write_summary(self) -> dict[str, Any]:
-        """`eval/summary.json`: per domain, the student before and after, and its teacher(s)."""
-        history = sorted(self.eval_history, key=lambda e: e["step"])
-        if not history:
-            return {}
-        first, last = history[0], history[-1]
-        domains: dict[str, Any] = {}
-        for domain, entry in last["domains"].items():
-            row: dict[str, Any] = {
-                "student_before": first["domains"].get(domain, {}).get("mean_reward"),
-                "student_after": entry["mean_reward"],
-                "n": entry["n"],
-                "before_step": first["step"],
-                "after_step": last["step"],
-            }
-            teachers = {
-                name: rep[domain]["mean_reward"]
-                for name, rep in (last.get("teachers") or self.teacher_eval or {}).items()
-                if domain in rep
-            }
-            if teachers:
-                row["teachers"] = teachers
-                row["teacher"] = max(teachers.values())
-                row["retention"] = entry["mean_reward"] / row["teacher"] if row["teacher"] else None
-            domains[domain] = row
-        summary = {"run": str(self.run_dir), "domains": domains}
+        """`eval/summary.json`: per domain, the student before (first eval) and after (last), and its teacher(s)."""
+        from evals.watch import summarize
+
+        summary = summarize(self.eval_history, self.run_dir)
         _atomic_write_json(self.run_dir / "eval" / "summary.json", summary)
         return summary
 

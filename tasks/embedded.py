@@ -24,6 +24,8 @@ from datasets import Dataset, load_from_disk
 from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
+# Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
+SUITE_VERSION = 2
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -48,19 +50,17 @@ VIDEO_FRAMES = 8
 GROUP_SECONDS = 2
 FRAME_SIZE = 16
 
+# Compact schemas: every tool-use prompt carries them, and prompt length is the tiny models' main cost.
 CALCULATOR_SCHEMA = {
     "name": "calculator",
-    "description": "Evaluate an arithmetic expression.",
+    "description": "Arithmetic.",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
 }
 LOOKUP_SCHEMA = {
     "name": "lookup",
-    "description": "Look a key up in a named table.",
-    "parameters": {
-        "type": "object",
-        "properties": {"table": {"type": "string"}, "key": {"type": "string"}},
-        "required": ["table", "key"],
-    },
+    "description": "Table lookup.",
+    "parameters": {"type": "object", "properties": {"table": {"type": "string"}, "key": {"type": "string"}},
+                   "required": ["table", "key"]},
 }
 
 
@@ -96,7 +96,8 @@ def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
     return Sample(
         id=f"video-{split}-{idx}",
         domain="video",
-        messages=[{"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": question}]}],
+        # The question comes first, so the video tokens can already attend to the colour asked about.
+        messages=[{"role": "user", "content": [{"type": "text", "text": question + "\n"}, {"type": "video", "video": video}]}],
         reference=[float(start), float(end)],
         target=f"[{start}, {end}]",
         metadata={"task": "temporal_grounding", "duration": float(duration), "colour": target_colour},
@@ -253,12 +254,12 @@ def build_suite(data_dir: str | Path, seed: int, n_train: int, n_eval: int, doma
     data_dir = Path(data_dir)
     for domain in domains:
         for split, n in (("train", n_train), ("eval", n_eval)):
-            out = data_dir / f"seed{seed}" / domain / split
+            out = data_dir / f"v{SUITE_VERSION}-seed{seed}" / domain / split
             if (out / "dataset_info.json").exists() and len(load_from_disk(str(out))) == n:
                 continue
             rows = [_to_row(s) for s in generate(domain, split, n, seed)]
             Dataset.from_list(rows).save_to_disk(str(out))
-    return data_dir / f"seed{seed}"
+    return data_dir / f"v{SUITE_VERSION}-seed{seed}"
 
 
 @register_task_source("embedded")
@@ -315,7 +316,7 @@ def embedded_tokenizer(data_dir: str | Path = ".cache/embedded", vocab_size: int
     from models.tokenizer import train_tokenizer
     from transformers import AutoTokenizer
 
-    path = Path(data_dir) / f"tokenizer_v{vocab_size}"
+    path = Path(data_dir) / f"tokenizer-v{SUITE_VERSION}-{vocab_size}"
     if (path / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(str(path))
     tokenizer = train_tokenizer(tokenizer_corpus(), vocab_size=vocab_size)

@@ -1,0 +1,237 @@
+"""Indexer scores + top-k on the GPU without the L x L score matrix.
+
+Score: sum_j w_j ReLU(q_j . k), fp32 accumulation, one shared index key per position (MQA-style).
+
+Default path, `method="stream"` (streaming selection, memory O(L * k)):
+  1. threshold: score every query against a strided subsample of the keys (1 in `sub_stride`) and take, per row,
+     a value that about 1.5 k of the row's scores exceed (the j-th largest of the subsample);
+  2. one fused pass: a Triton kernel computes the scores tile by tile and appends those at or above the row's
+     threshold to a per-row candidate list (capacity 2 k, slot taken with an atomic counter); nothing else is
+     written;
+  3. `torch.topk` keeps the best k of each candidate list. Rows whose list came out short (< k) or overflowed
+     (> 2 k) - a subsample that misjudged the row - are redone exactly by the chunked path, so the result is
+     always the exact top-k.
+`method="chunked"`: score a block of query rows against all their keys into a bounded buffer (`max_chunk_elems`
+scores) and select per row (radix-select kernel of `triton_topk` on bf16 scores, or `torch.topk` on fp32).
+Rows with at most k candidates take all of them without scoring (exactly dense attention). Index rows are
+"valid-first": empty slots (-1) only at the end, which the attention kernels rely on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_topk import row_topk_
+
+STATS = {"fallback_rows": 0}  # rows the last streaming call had to redo exactly (for benchmarks / tuning)
+
+
+@triton.jit
+def _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+                 KEY_STRIDE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """[BM, BN] fp32 scores of query rows `rows` against keys `cols * KEY_STRIDE`."""
+    offs_d = tl.arange(0, D)
+    t = rows.to(tl.int64)
+    kblk = tl.load(K + b * sk_b + (cols[:, None] * KEY_STRIDE).to(tl.int64) * sk_l + offs_d[None, :],
+                   mask=cols[:, None] < n_keys, other=0.0)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    rmask = rows < n_rows
+    for h in tl.static_range(H):
+        qh = tl.load(Q + b * sq_b + t[:, None] * sq_l + h * sq_h + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(qh, tl.trans(kblk), input_precision="ieee")
+        else:
+            s = tl.dot(qh, tl.trans(kblk))
+        wh = tl.load(W + b * sw_b + t * sw_l + h, mask=rmask, other=0.0)
+        acc += tl.maximum(s, 0.0) * wh[:, None]
+    return acc
+
+
+@triton.jit
+def _index_score_kernel(Q, K, W, S,
+                        sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l,
+                        q_start, n_rows, n_keys, causal_offset,
+                        KEY_STRIDE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, IEEE: tl.constexpr):
+    """Scores of rows [q_start, q_start + n_rows) into S[b, row - q_start, col]; masked keys get -inf."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    local = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    rows = q_start + local
+    s_base = S + b * ss_b  # one chunk holds < 2**31 scores per batch row, so tile offsets fit in int32
+    smask = (local[:, None] < n_rows) & (cols[None, :] < n_keys)
+    if pid_n * BN * KEY_STRIDE > q_start + pid_m * BM + BM - 1 + causal_offset:
+        tl.store(s_base + local[:, None] * ss_l + cols[None, :],
+                 tl.full((BM, BN), float("-inf"), tl.float32).to(S.dtype.element_ty), mask=smask)
+    else:
+        acc = _scores_tile(Q, K, W, b, rows, cols, q_start + n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l,
+                           sw_b, sw_l, KEY_STRIDE, H, D, BM, BN, IEEE)
+        acc = tl.where(cols[None, :] * KEY_STRIDE <= (rows + causal_offset)[:, None], acc, float("-inf"))
+        tl.store(s_base + local[:, None] * ss_l + cols[None, :], acc.to(S.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
+                         sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, st_b, sn_b, sc_b, sc_l,
+                         q_start, n_rows, n_keys, causal_offset, CAP, KK,
+                         H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         IEEE: tl.constexpr):
+    """Append the causal scores > TAU[row] to slots [0, CAP) of the row's candidate list and those == TAU
+    (ties, common with ReLU zeros) to slots [CAP, CAP + KK); CNT[b, 0/1, row] count both kinds."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = q_start + pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    if pid_n * BN <= q_start + pid_m * BM + BM - 1 + causal_offset:
+        acc = _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+                           1, H, D, BM, BN, IEEE)
+        rmask = rows < n_rows
+        tau = tl.load(TAU + b * st_b + rows, mask=rmask, other=float("inf"))
+        valid = (cols[None, :] <= (rows + causal_offset)[:, None]) & rmask[:, None] & (cols[None, :] < n_keys)
+        row_off = b * sc_b + (rows - q_start)[:, None].to(tl.int64) * sc_l  # lists start at row q_start
+        col_val = tl.broadcast_to(cols[None, :], (BM, BN))
+        gt = (valid & (acc > tau[:, None])).to(tl.int32)
+        n_gt = tl.sum(gt, 1)
+        base = tl.atomic_add(CNT + b * sn_b + rows, n_gt, mask=rmask & (n_gt > 0), sem="relaxed")
+        pos = base[:, None] + tl.cumsum(gt, 1) - 1
+        keep = (gt > 0) & (pos < CAP)
+        tl.store(CVAL + row_off + pos, acc, mask=keep)
+        tl.store(CIDX + row_off + pos, col_val, mask=keep)
+        eq = (valid & (acc == tau[:, None])).to(tl.int32)
+        n_eq = tl.sum(eq, 1)
+        # CNT is [B, 2, Lq] and TAU [B, Lq], so the second counter row sits st_b (= Lq) further on
+        base = tl.atomic_add(CNT + b * sn_b + st_b + rows, n_eq, mask=rmask & (n_eq > 0), sem="relaxed")
+        pos = base[:, None] + tl.cumsum(eq, 1) - 1
+        keep = (eq > 0) & (pos < KK)
+        tl.store(CVAL + row_off + CAP + pos, acc, mask=keep)
+        tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
+
+
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_start: int, n_rows: int, n_keys: int,
+                 causal_offset: int, out: torch.Tensor, key_stride: int = 1, block_m: int = 64,
+                 block_n: int = 128, num_warps: int = 8) -> torch.Tensor:
+    """Scores of query rows [q_start, q_start+n_rows) against keys 0, s, 2s, ... (s = key_stride; n_keys of them):
+    out [B, n_rows, n_keys]. q [B, Lq, H, d] (d contiguous), k [B, Lk, d], w [B, Lq, H] float32; key j*s is
+    allowed for query t when j*s <= t + causal_offset, others get -inf."""
+    b, _, h, d = q.shape
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and w.stride(-1) == 1
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_keys, block_n), b)
+    _index_score_kernel[grid](q, k, w, out,
+                              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                              w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+                              q_start, n_rows, n_keys, causal_offset,
+                              KEY_STRIDE=key_stride, H=h, D=d, BM=block_m, BN=block_n,
+                              IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=2)
+    return out
+
+
+def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_chunk_elems: int) -> None:
+    """Exact top-k of rows [start, end) (each with more than kk candidates) by scoring bounded row blocks."""
+    b, lq = q.shape[:2]
+    lk = k.shape[1]
+    off = lk - lq
+    chunk = max(64, (max_chunk_elems // max(1, b * lk)) // 64 * 64)
+    buf = torch.empty(b * min(chunk, end - start) * lk, dtype=score_dtype, device=q.device)
+    for s0 in range(start, end, chunk):
+        rows = min(chunk, end - s0)
+        n_keys = min(lk, s0 + rows + off)
+        s = buf[: b * rows * n_keys].view(b, rows, n_keys)
+        index_scores(q, k, w, s0, rows, n_keys, off, s)
+        if score_dtype == torch.bfloat16:
+            row_topk_(s, idx, s0, off)
+        else:
+            idx[:, s0:s0 + rows] = torch.topk(s, kk, dim=-1, sorted=False).indices.to(torch.int32)
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers -> [start, end) ranges of consecutive rows."""
+    out: list[tuple[int, int]] = []
+    for r in rows:
+        if out and out[-1][1] == r:
+            out[-1] = (out[-1][0], r + 1)
+        else:
+            out.append((r, r + 1))
+    return out
+
+
+def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_elems: int) -> int:
+    """Exact top-k of rows [start, Lq) by threshold + fused selection; returns how many rows fell back."""
+    b, lq = q.shape[:2]
+    lk = k.shape[1]
+    off = lk - lq
+    dev = q.device
+    n_rows = lq - start
+    cap = 2 * kk
+    j = -(-3 * kk // (2 * sub_stride))  # ~1.5 k of the row's keys lie above the j-th best of the subsample
+    n_sub_all = -(-lk // sub_stride)  # keys 0, s, 2s, ... read in place by the score kernel
+    tau = torch.empty(b, lq, dtype=torch.float32, device=dev)
+    chunk = max(64, (max_chunk_elems // max(1, b * n_sub_all)) // 64 * 64)
+    buf = torch.empty(b * min(chunk, n_rows) * n_sub_all, dtype=torch.float32, device=dev)
+    for s0 in range(start, lq, chunk):
+        rows = min(chunk, lq - s0)
+        n_sub = min(n_sub_all, (s0 + rows - 1 + off) // sub_stride + 1)
+        s = buf[: b * rows * n_sub].view(b, rows, n_sub)
+        index_scores(q, k, w, s0, rows, n_sub, off, s, key_stride=sub_stride)
+        tau[:, s0:s0 + rows] = torch.topk(s, min(j, n_sub), dim=-1, sorted=False).values.amin(-1)
+    del buf
+    few = (torch.arange(lq, device=dev) + off + 1) <= cap  # rows with at most 2k candidates keep all
+    tau[:, few] = float("-inf")
+    cnt = torch.zeros(b, 2, lq, dtype=torch.int32, device=dev)  # [:, 0] above the threshold, [:, 1] equal
+    cval = torch.full((b, n_rows, cap + kk), float("-inf"), dtype=torch.float32, device=dev)
+    cidx = torch.empty(b, n_rows, cap + kk, dtype=torch.int32, device=dev)
+    bm, bn = 64, 128
+    grid = (triton.cdiv(n_rows, bm), triton.cdiv(lk, bn), b)
+    _score_select_kernel[grid](q, k, w, tau, cnt, cval, cidx,
+                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                               w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
+                               cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
+                               BM=bm, BN=bn, IEEE=q.dtype == torch.float32, num_warps=8, num_stages=2)
+    # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
+    slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
+    idx[:, start:] = torch.gather(cidx, 2, slots)
+    n_gt, n_eq = cnt[:, 0, start:], cnt[:, 1, start:]
+    bad = ((n_gt > cap) | (n_gt + n_eq.clamp(max=kk) < kk)).any(0).nonzero().flatten()
+    if bad.numel():
+        for r0, r1 in _runs((bad + start).tolist()):
+            _chunked_rows(q, k, w, idx, r0, r1, kk, torch.float32, max_chunk_elems)
+    return int(bad.numel())
+
+
+def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, method: str = "stream",
+                 score_dtype: torch.dtype | None = None, max_chunk_elems: int = 1 << 29,
+                 sub_stride: int = 16) -> torch.Tensor:
+    """Top-k key indices per query, causal (queries are the last Lq of the Lk positions).
+
+    q [B, Lq, H, d], k [B, Lk, d], w [B, Lq, H] -> idx [B, Lq, min(topk, Lk)] int32 (-1 = empty slot, at row end).
+    method: "stream" (default; see the module note) or "chunked". score_dtype (chunked only): storage of the
+    scores before selection; default bf16 for bf16/fp16 inputs (radix select, ties within bf16 rounding go to
+    the earlier key), else fp32 (`torch.topk`).
+    """
+    if method not in ("stream", "chunked"):
+        raise ValueError(f"indexer_topk: method must be 'stream' or 'chunked', got {method!r}")
+    if score_dtype is None:
+        score_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+    b, lq, _, _ = q.shape
+    lk = k.shape[1]
+    off = lk - lq
+    kk = min(topk, lk)
+    q, k, w = q.contiguous(), k.contiguous(), w.float().contiguous()
+    idx = torch.empty(b, lq, kk, dtype=torch.int32, device=q.device)
+    n_full = max(0, min(lq, kk - off))  # rows t with t + off + 1 <= kk: every candidate is kept
+    if n_full:
+        slots = torch.arange(kk, device=q.device, dtype=torch.int32)
+        lim = torch.arange(n_full, device=q.device, dtype=torch.int32) + off
+        idx[:, :n_full] = torch.where(slots[None, :] <= lim[:, None], slots[None, :], -1)
+    if n_full == lq:
+        return idx
+    if method == "stream":
+        STATS["fallback_rows"] = _stream_rows(q, k, w, idx, n_full, kk, sub_stride, max_chunk_elems)
+    else:
+        _chunked_rows(q, k, w, idx, n_full, lq, kk, score_dtype, max_chunk_elems)
+    return idx
