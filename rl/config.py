@@ -79,6 +79,13 @@ class DataConfig:
         "Held-out task sources.", default_factory=lambda: [TaskConfig(args={"split": "eval"})]
     )
     prompts_per_step: int = _help("Prompts per training step (each gets rollout.group_size responses).", default=16)
+    video_fps: float = _help("Frames per second sampled from video files.", default=2.0)
+    video_max_frames: int = _help("Most frames kept per video (uniform over the clip beyond that).", default=32)
+    video_size: list[int] | int | None = _help(
+        "Decoded frame size: [H, W], or the long side keeping the aspect ratio; null = [32, 32].", default=None
+    )
+    decode_workers: int = _help("Threads decoding the next batches' videos while the current step trains.", default=2)
+    prefetch_batches: int = _help("Batches decoded ahead of the trainer.", default=2)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from tasks.base import Sample, get_task_source
 def load_tasks(task_configs: list[Any], seed: int) -> list[Sample]:
     """Instantiate every configured task source and collect its samples (errors name the source)."""
     import tasks.embedded  # noqa: F401  (registers the embedded source)
+    import tasks.embedded_video  # noqa: F401  (registers embedded_video and video_files)
 
     try:  # benchmark adapters register themselves when their package is importable
         import evals  # noqa: F401
@@ -19,7 +20,8 @@ def load_tasks(task_configs: list[Any], seed: int) -> list[Sample]:
     samples: list[Sample] = []
     for i, task in enumerate(task_configs):
         args = dict(task.args)
-        args.setdefault("seed", seed) if task.source == "embedded" else None
+        if task.source in ("embedded", "embedded_video"):
+            args.setdefault("seed", seed)
         try:
             source = get_task_source(task.source)(**args)
         except TypeError as err:

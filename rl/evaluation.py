@@ -62,10 +62,11 @@ def score_completions(samples: list[Sample], completions: list[str], scorer, rou
                 breakdown[key] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
         if breakdown:
             entry["breakdown"] = breakdown
-        if routes.get(domain) == "temporal_iou":
+        ious = [float(result.rewards[i]) for i in idx if (samples[i].reward or routes.get(domain)) == "temporal_iou"]
+        if ious:  # R1@0.3/0.5/0.7 and mIoU over the samples scored by temporal IoU
             from rewards.temporal import grounding_metrics
 
-            entry["grounding"] = grounding_metrics(values)
+            entry["grounding"] = {**grounding_metrics(ious), "n": len(ious)}
         report[domain] = entry
     return report
 

@@ -35,6 +35,7 @@ from rl.data import PromptStream, load_tasks
 from rl.evaluation import evaluate_model
 from rl.logger import MetricsLogger
 from rl.rollouts import Rollouts
+from tasks.prefetch import PrefetchingStream, decode_samples
 from rl.student import build_student, resolve_tokenizer, save_student, student_state_dict
 from rollout.actors import ActorPool
 from rollout.base import SamplingSettings
@@ -62,7 +63,7 @@ class Trainer:
         self.renderer = ChatRenderer(self.tokenizer, vision_layout(self.model), cfg.model.template_kwargs)
         self.train_samples = load_tasks(cfg.data.train, cfg.run.seed)
         self.eval_samples = load_tasks(cfg.data.eval, cfg.run.seed)
-        self.stream = PromptStream(self.train_samples, cfg.run.seed)
+        self.stream = self._prompt_stream()
         self.scorer = RewardScorer(
             cfg.rewards.routes, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
             on_error=cfg.rewards.on_error,
@@ -92,6 +93,20 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
+
+    def _prompt_stream(self) -> PrefetchingStream:
+        """Training prompts in seeded order, with videos decoded by background workers ahead of the trainer;
+        held-out videos are decoded once here. Unusable videos are skipped, counted and reported."""
+        d = self.cfg.data
+        layout = vision_layout(self.model)
+        size = tuple(d.video_size) if isinstance(d.video_size, list) else (d.video_size or (32, 32))
+        video = dict(fps=d.video_fps, max_frames=d.video_max_frames, size=size,
+                     multiple=layout.patch_size * layout.merge_size if layout else 32)
+        self.eval_samples, skipped = decode_samples(self.eval_samples, workers=d.decode_workers, **video)
+        if skipped:
+            print(f"eval: skipped {len(skipped)} samples with unusable videos, e.g. {skipped[:3]}", flush=True)
+        return PrefetchingStream(PromptStream(self.train_samples, self.cfg.run.seed), workers=d.decode_workers,
+                                 prefetch_batches=d.prefetch_batches, **video)
 
     def _lr_factor(self, step: int) -> float:
         warm = self.cfg.optim.warmup_steps
@@ -263,6 +278,7 @@ class Trainer:
         t_sync = time.perf_counter()
         metrics = {**rollouts.metrics, **update_metrics}
         metrics.update(self._rollout_metrics(rollouts))
+        metrics.update(self.stream.metrics())
         metrics.update({
             "time/generate_s": t_gen - t0, "time/reward_s": t_reward - t_gen, "time/teachers_s": t_teacher - t_reward,
             "time/update_s": t_update - t_teacher, "time/sync_s": t_sync - t_update, "time/step_s": t_sync - t0,
@@ -536,6 +552,7 @@ class Trainer:
         plot_eval_history(self.eval_history, self.teacher_eval, self.run_dir / "plots" / "heldout_reward.png")
 
     def close(self) -> None:
+        self.stream.close()
         self.scorer.close()
         for pool in list(self.teacher_pools.values()) + [self.rollout_pool]:
             pool.shutdown()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
-from collections.abc import Iterator
 
 import numpy as np
 from datasets import Dataset, load_from_disk
@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 2
+SUITE_VERSION = 3
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -67,6 +67,34 @@ LOOKUP_SCHEMA = {
 # ----------------------------------------------------------------------------- generators
 
 
+SQUARE = 8
+
+
+def draw_squares(
+    np_rng: np.random.Generator, events: Sequence[tuple[str, int, int]]
+) -> tuple[np.ndarray, list[float], list[str]]:
+    """Frames with one 8x8 square per event `(colour, start, end)`, visible while `start <= t < end`.
+
+    Event k sits in row band k (top half, then bottom half) at a random column per frame, so squares never
+    occlude each other; the background is dark noise (0-39) as in the embedded grounding task.
+    Returns frames uint8 `[8, 16, 16, 3]`, timestamps `[8]` seconds, per-frame captions `[8]`."""
+    if len(events) > FRAME_SIZE // SQUARE:
+        raise ValueError(f"at most {FRAME_SIZE // SQUARE} squares fit a {FRAME_SIZE}-pixel frame, got {len(events)}")
+    frames = np_rng.integers(0, 40, size=(VIDEO_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
+    timestamps = [i / VIDEO_FPS for i in range(VIDEO_FRAMES)]
+    captions = []
+    for i, t in enumerate(timestamps):
+        visible = []
+        for band, (colour, start, end) in enumerate(events):
+            if start <= t < end:
+                x = int(np_rng.integers(0, FRAME_SIZE - SQUARE + 1))
+                row = band * SQUARE
+                frames[i, row : row + SQUARE, x : x + SQUARE] = COLOURS[colour]
+                visible.append(f"{colour} square")
+        captions.append(", ".join(visible) if visible else "nothing")
+    return frames, timestamps, captions
+
+
 def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
     """A clip of 8 frames at 1 fps (8 s); the named colour is visible during [s, e), on 2-second groups."""
     names = list(COLOURS)
@@ -79,18 +107,8 @@ def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
     d_start = rng.randrange(0, duration, g)
     d_end = rng.randrange(d_start + g, duration + 1, g)
     np_rng = np.random.default_rng(rng.randrange(1 << 30))
-    frames = np_rng.integers(0, 40, size=(VIDEO_FRAMES, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8)
-    timestamps = [i / VIDEO_FPS for i in range(VIDEO_FRAMES)]
-    captions = []
-    for i, t in enumerate(timestamps):
-        visible = []
-        # The target square sits in the top half and the distractor in the bottom half: never occluded.
-        for row, colour, (s, e) in ((0, target_colour, (start, end)), (8, distractor, (d_start, d_end))):
-            if s <= t < e:
-                x = int(np_rng.integers(0, FRAME_SIZE - 8 + 1))
-                frames[i, row : row + 8, x : x + 8] = COLOURS[colour]
-                visible.append(f"{colour} square")
-        captions.append(", ".join(visible) if visible else "nothing")
+    # The target square sits in the top band and the distractor in the bottom band: never occluded.
+    frames, timestamps, captions = draw_squares(np_rng, [(target_colour, start, end), (distractor, d_start, d_end)])
     question = f"When is the {target_colour} square visible? Answer as [start, end] in seconds."
     video = VideoPart(frames=frames, timestamps=timestamps, captions=captions, fps=VIDEO_FPS)
     return Sample(
@@ -298,15 +316,19 @@ class EmbeddedTasks(TaskSource):
 
 
 def tokenizer_corpus(seed: int = 1, n: int = 300) -> Iterator[str]:
-    """Text the embedded tokenizer is trained on: every domain's prompts and answers, and the timestamp format."""
-    for domain in DOMAINS:
-        for s in generate(domain, "train", n, seed):
-            for message in s.messages:
-                content = message["content"]
-                yield content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-            yield s.target or ""
-            if s.tools:
-                yield json.dumps(s.tools)
+    """Text the embedded tokenizer is trained on: every domain's prompts and answers (the Video-RL tasks' too),
+    and the timestamp format."""
+    from tasks import embedded_video
+
+    samples = [s for domain in DOMAINS for s in generate(domain, "train", n, seed)]
+    samples += [s for task in embedded_video.TASKS for s in embedded_video.generate(task, "train", n // 3, seed)]
+    for s in samples:
+        for message in s.messages:
+            content = message["content"]
+            yield content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+        yield s.target or ""
+        if s.tools:
+            yield json.dumps(s.tools)
     for t in range(0, 64):
         yield f"<{t:.1f} seconds> <{t + 0.5:.1f} seconds>"
 
