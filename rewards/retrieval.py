@@ -80,20 +80,21 @@ def multi_needle_reward(completion: str, reference: Any, **meta: Any) -> float:
 
 
 def record_value(prediction: str, key: str | None) -> str:
-    """The value of a `key: value` answer, or the whole answer when it restates no key.
+    """The value of a `key: value` (or `key=value`) answer, or the whole answer when it restates no key.
 
     A restated key that is not the asked one is a wrong record, which InvalidAnswer would hide: it returns "".
     """
     text = prediction.strip()
-    if ":" not in text:
+    separator = next((sep for sep in (":", "=") if sep in text), None)
+    if separator is None:
         return text
-    said_key, _, value = text.partition(":")
+    said_key, _, value = text.partition(separator)
     if key is not None and normalize_text(said_key) != normalize_text(key):
         return ""
     return value.strip()
 
 
-@register_reward("record_value", "1 if the value of a 'key: value' (or bare value) answer equals reference['value']")
+@register_reward("record_value", "1 if the value of a 'key: value' / 'key=value' (or bare) answer equals reference['value']")
 def record_value_reward(completion: str, reference: Any, **meta: Any) -> float:
     if not isinstance(reference, dict) or "value" not in reference:
         raise ValueError("record_value needs a reference {'key': ..., 'value': ...}")

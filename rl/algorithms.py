@@ -142,7 +142,8 @@ def group_normalized_advantage(
     mean, std, count = group_stats(rewards, group_ids)
     adv = rewards.double() - mean
     if cfg_get(cfg, "norm_std", True):
-        adv = adv / (std + cfg_get(cfg, "adv_eps", 1e-6))
+        scale = std + cfg_get(cfg, "adv_eps", 1e-6)
+        adv = torch.where(scale > 0, adv / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(adv))
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
     return adv.to(mask.dtype).unsqueeze(-1) * mask
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,7 @@ class ConfigError(ValueError):
 
 
 COMMAND_LINE = "command line"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def load_yaml_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict, dict[str, str]]:
@@ -95,6 +97,10 @@ def apply_overrides(data: dict, overrides: list[str], provenance: dict[str, str]
             if isinstance(node, list):
                 node = node[_list_index(node, part, parts[: depth + 1])]
             else:
+                if part not in node and parts[depth + 1].isdigit():
+                    raise ConfigError(
+                        f"{COMMAND_LINE}: override {item!r}: '{'.'.join(parts[: depth + 1])}' has no list to index"
+                    )
                 node = node.setdefault(part, {})
         last = parts[-1]
         if isinstance(node, list):
@@ -176,6 +182,8 @@ def _coerce(hint: Any, value: Any, provenance: dict[str, str], key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "3e-4" (no dot) as a string
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ConfigError(

@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 3
+SUITE_VERSION = 5
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -128,17 +128,17 @@ def make_retrieval_sample(rng: random.Random, idx: int, split: str, lengths: tup
     keys = rng.sample(KEY_WORDS, n)
     values = [rng.choice(VALUE_WORDS) for _ in keys]
     pos = rng.randrange(n)
-    # "- key: value" lines: key and value tokenise the same here as in the question and the answer (" key",
-    # " value"), so retrieval is a pure copy rather than a copy plus a learned token mapping.
-    haystack = "\n".join(f"- {k}: {v}" for k, v in zip(keys, values))
+    # "- key=value" lines: the key tokenises as in the question (" key") and the value ("=value") follows it
+    # directly, so retrieval is the classic induction copy rather than a copy plus a learned token mapping.
+    haystack = "\n".join(f"- {k}={v}" for k, v in zip(keys, values))
     question = f"{haystack}\nWhat is the value of {keys[pos]}?"
     return Sample(
         id=f"retrieval-{split}-{idx}",
         domain="retrieval",
         messages=[{"role": "user", "content": question}],
         reference={"key": keys[pos], "value": values[pos]},
-        # Restating the key first turns the answer into the classic induction pattern (" key" ":" -> " value").
-        target=f" {keys[pos]}: {values[pos]}",
+        # Restating the key first turns the answer into the classic induction pattern (" key" -> "=value").
+        target=f" {keys[pos]}={values[pos]}",
         metadata={"task": "kv_retrieval", "length": n, "depth": round(pos / max(n - 1, 1), 2)},
     )
 

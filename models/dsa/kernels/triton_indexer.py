@@ -23,9 +23,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_topk import row_topk_
+from .triton_topk import row_topk_, slots_topk32
 
-STATS = {"fallback_rows": 0}  # rows the last streaming call had to redo exactly (for benchmarks / tuning)
+# fallback_rows: rows the last streaming call redid exactly; with profile=True the streaming path records the
+# milliseconds of its stages (threshold, fused select, final top-k) in stage_ms (benchmarks / tuning)
+STATS: dict = {"fallback_rows": 0, "profile": False, "stage_ms": {}}
+# how the best k of each candidate list are chosen: "radix" (Triton radix select on fp32) or "torch" (torch.topk)
+FINAL_SELECT = "radix"
+
+
+class _Stages:
+    """CUDA-event marks between the stages of the streaming path, only when STATS['profile'] is on."""
+
+    def __init__(self) -> None:
+        self.on = STATS["profile"]
+        self.marks: list = []
+
+    def mark(self, name: str) -> None:
+        if self.on:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            self.marks.append((name, e))
+
+    def finish(self) -> None:
+        if self.on and self.marks:
+            torch.cuda.synchronize()
+            STATS["stage_ms"] = {n: a.elapsed_time(b) for (_, a), (n, b) in zip(self.marks, self.marks[1:])}
 
 
 @triton.jit
@@ -170,6 +193,8 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
     cap = 2 * kk
     j = -(-3 * kk // (2 * sub_stride))  # ~1.5 k of the row's keys lie above the j-th best of the subsample
     n_sub_all = -(-lk // sub_stride)  # keys 0, s, 2s, ... read in place by the score kernel
+    marks = _Stages()
+    marks.mark("start")
     tau = torch.empty(b, lq, dtype=torch.float32, device=dev)
     chunk = max(64, (max_chunk_elems // max(1, b * n_sub_all)) // 64 * 64)
     buf = torch.empty(b * min(chunk, n_rows) * n_sub_all, dtype=torch.float32, device=dev)
@@ -182,6 +207,7 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
     del buf
     few = (torch.arange(lq, device=dev) + off + 1) <= cap  # rows with at most 2k candidates keep all
     tau[:, few] = float("-inf")
+    marks.mark("threshold")
     cnt = torch.zeros(b, 2, lq, dtype=torch.int32, device=dev)  # [:, 0] above the threshold, [:, 1] equal
     cval = torch.full((b, n_rows, cap + kk), float("-inf"), dtype=torch.float32, device=dev)
     cidx = torch.empty(b, n_rows, cap + kk, dtype=torch.int32, device=dev)
@@ -192,9 +218,15 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
                                w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
                                cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
                                BM=bm, BN=bn, IEEE=q.dtype == torch.float32, num_warps=8, num_stages=2)
+    marks.mark("select")
     # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
-    slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
-    idx[:, start:] = torch.gather(cidx, 2, slots)
+    if FINAL_SELECT == "radix":
+        slots = slots_topk32(cval, kk)
+    else:
+        slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
+    idx[:, start:] = torch.gather(cidx, 2, slots.long())
+    marks.mark("final")
+    marks.finish()
     n_gt, n_eq = cnt[:, 0, start:], cnt[:, 1, start:]
     bad = ((n_gt > cap) | (n_gt + n_eq.clamp(max=kk) < kk)).any(0).nonzero().flatten()
     if bad.numel():

@@ -74,3 +74,62 @@ def row_topk_(scores: torch.Tensor, out: torch.Tensor, q_start: int, causal_offs
     assert scores.dtype == torch.bfloat16 and scores.stride(-1) == 1 and out.stride(-1) == 1
     _row_topk_kernel[(rows, b)](scores, out, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
                                 q_start, n_keys, causal_offset, out.shape[-1], BLOCK=block, num_warps=8)
+
+
+@triton.jit
+def _ukey32(x):
+    """fp32 -> int32 whose bit pattern, read unsigned, increases with the float value."""
+    bits = x.to(tl.int32, bitcast=True)
+    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed order now matches the float order
+    return signed ^ -2147483648  # flip the sign bit: unsigned order
+
+
+@triton.jit
+def _slots_topk32_kernel(V, OUT, sv_r, so_r, N, KK, BLOCK: tl.constexpr):
+    """Row r of V [R, N] fp32 -> the slot numbers of its KK largest values (ties: earlier slot), OUT [R, KK]."""
+    r = tl.program_id(0).to(tl.int64)
+    row = V + r * sv_r
+    bins = tl.arange(0, 256)
+    need = KK
+    prefix = 0
+    for p in tl.static_range(4):
+        shift = 24 - 8 * p
+        hist = tl.zeros([256], tl.int32)
+        for start in range(0, N, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            m = offs < N
+            u = _ukey32(tl.load(row + offs, mask=m, other=float("-inf")))
+            digit = (u >> shift) & 255
+            if p > 0:
+                m = m & (((u >> (shift + 8)) & ((1 << (8 * p)) - 1)) == prefix)
+            hist += tl.histogram(digit, 256, mask=m)
+        ge = tl.cumsum(hist, 0, reverse=True)
+        d = tl.max(tl.where(ge >= need, bins, -1), 0)
+        need = need - tl.sum(tl.where(bins > d, hist, 0), 0)
+        prefix = prefix * 256 + d
+    tau = prefix ^ -2147483648  # back to the signed order
+    out_row = OUT + r * so_r
+    n_sel = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+    n_eq = tl.sum(tl.zeros([BLOCK], tl.int32), 0)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = offs < N
+        key = _ukey32(tl.load(row + offs, mask=m, other=float("-inf"))) ^ -2147483648
+        gt = m & (key > tau)
+        eq = (m & (key == tau)).to(tl.int32)
+        sel = gt | ((eq > 0) & (n_eq + tl.cumsum(eq, 0) <= need))
+        sel_i = sel.to(tl.int32)
+        pos = n_sel + tl.cumsum(sel_i, 0) - 1
+        tl.store(out_row + pos, offs, mask=sel)
+        n_sel += tl.sum(sel_i, 0)
+        n_eq += tl.sum(eq, 0)
+
+
+def slots_topk32(values: torch.Tensor, k: int, block: int = 2048) -> torch.Tensor:
+    """values [..., N] fp32 (contiguous rows) -> int32 [..., k] positions of the k largest per row, ascending."""
+    n = values.shape[-1]
+    v = values.reshape(-1, n)
+    assert v.dtype == torch.float32 and v.stride(-1) == 1 and k <= n
+    out = torch.empty(v.shape[0], k, dtype=torch.int32, device=v.device)
+    _slots_topk32_kernel[(v.shape[0],)](v, out, v.stride(0), out.stride(0), n, k, BLOCK=block, num_warps=8)
+    return out.view(*values.shape[:-1], k)

@@ -1,0 +1,76 @@
+"""The embedded suite: deterministic by seed, stored and read back with `datasets`, and every demonstration
+answer scores 1 with its domain's reward while wrong and malformed answers score 0."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rewards.scorer import RewardScorer
+from rl.config import RewardsConfig
+from tasks.embedded import DOMAINS, EmbeddedTasks, embedded_tokenizer, generate
+
+
+def _score(samples, completions):
+    with RewardScorer(RewardsConfig().routes, num_workers=0) as scorer:
+        return scorer.score([
+            {"id": s.id, "domain": s.domain, "prompt": "", "completion": c, "reference": s.reference,
+             "metadata": s.metadata} for s, c in zip(samples, completions)
+        ])
+
+
+def test_generation_is_deterministic_and_splits_differ():
+    for domain in DOMAINS:
+        a, b = generate(domain, "train", 5, seed=7), generate(domain, "train", 5, seed=7)
+        assert [s.target for s in a] == [s.target for s in b]
+        if domain == "video":
+            assert all(np.array_equal(x.videos()[0].frames, y.videos()[0].frames) for x, y in zip(a, b))
+        held_out = generate(domain, "eval", 5, seed=7)
+        assert [s.messages for s in held_out] != [s.messages for s in a]
+
+
+def test_stored_suite_round_trips(tmp_path):
+    source = EmbeddedTasks(data_dir=str(tmp_path), split="eval", seed=3, n_train=4, n_eval=6)
+    again = EmbeddedTasks(data_dir=str(tmp_path), split="eval", seed=3, n_train=4, n_eval=6)
+    fresh = {d: generate(d, "eval", 6, 3) for d in DOMAINS}
+    assert len(source) == 24
+    for stored, reread in zip(source, again):
+        original = next(s for s in fresh[stored.domain] if s.id == stored.id)
+        assert stored.target == original.target == reread.target
+        assert stored.reference == original.reference
+        assert stored.metadata == original.metadata
+        if stored.domain == "video":
+            v, o = stored.videos()[0], original.videos()[0]
+            assert np.array_equal(v.frames, o.frames) and v.timestamps == o.timestamps and v.captions == o.captions
+
+
+def test_retrieval_records_length_and_depth():
+    for s in generate("retrieval", "train", 20, seed=1):
+        lines = [line for line in s.messages[0]["content"].splitlines() if line.startswith("- ")]
+        assert len(lines) == s.metadata["length"]
+        position = next(i for i, line in enumerate(lines) if line.startswith(f"- {s.reference['key']}="))
+        assert s.metadata["depth"] == pytest.approx(position / max(len(lines) - 1, 1), abs=0.01)
+
+
+def test_keys_and_values_tokenise_the_same_in_haystack_question_and_answer(tmp_path):
+    tok = embedded_tokenizer(tmp_path)
+    for s in generate("retrieval", "train", 10, seed=2):
+        prompt = tok.tokenize(s.messages[0]["content"])
+        answer = tok.tokenize(s.target)
+        assert answer[0] in prompt and answer[1] in prompt  # " key" and "=value" are copied tokens
+        assert prompt[-2] == answer[0]  # the question ends with the same key token
+
+
+def test_demonstrations_score_one_and_bad_answers_zero():
+    samples = [s for d in DOMAINS for s in generate(d, "eval", 8, seed=5)]
+    good = _score(samples, [s.target for s in samples])
+    assert good.rewards.tolist() == [1.0] * len(samples)
+    bad_answers = {
+        "video": "[9, 9.5]", "retrieval": "apple=nothing", "tool": '<tool_call>{"name": "calculator", "arguments":',
+        "reasoning": "no idea",
+    }
+    bad = _score(samples, [bad_answers[s.domain] for s in samples])
+    assert bad.rewards.tolist() == [0.0] * len(samples)
+    empty = _score(samples, [""] * len(samples))
+    assert empty.rewards.tolist() == [0.0] * len(samples)
+    assert empty.invalid.all()
