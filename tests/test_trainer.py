@@ -129,3 +129,25 @@ def test_bad_answers_get_zero_and_are_counted(workspace):
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["reward/invalid_frac"] > 0 for r in records)
     assert all(r["reward/mean"] == pytest.approx(0.0, abs=0.51) for r in records)
+
+
+def test_user_reward_plugin_from_a_file_drives_a_training_run(workspace, tmp_path):
+    """A TRL-signature reward named in YAML as `path/file.py:function` is loaded in the reward workers and used."""
+    plugin = tmp_path / "my_rewards.py"
+    plugin.write_text(
+        "def quarter_per_char(prompts, completions, **kwargs):\n"
+        "    return [0.25 if len(c) % 2 == 0 else 0.75 for c in completions]\n"
+    )
+    routes = {d: f"{plugin}:quarter_per_char" for d in ("video", "retrieval", "tool", "reasoning")}
+    trainer = run(job(workspace, "plugin", {
+        "teachers": [], "algorithm": {"advantage": "grpo", "policy_loss": "grpo"},
+        "rewards": {"routes": routes, "num_workers": 1},
+        "trainer": {"steps": 2, "eval_teachers": False, "eval_at_start": False},
+    }))
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        sixteenths = record["reward/mean"] * 16  # 8 responses scoring 0.25 or 0.75 each
+        assert abs(sixteenths - round(sixteenths)) < 1e-9 and 4 <= round(sixteenths) <= 12
+        assert record["reward/invalid_frac"] == 0.0
+    summary = json.loads((trainer.run_dir / "eval" / "summary.json").read_text())
+    assert all(0.25 <= row["student_after"] <= 0.75 for row in summary["domains"].values())
