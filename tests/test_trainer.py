@@ -151,3 +151,21 @@ def test_user_reward_plugin_from_a_file_drives_a_training_run(workspace, tmp_pat
         assert record["reward/invalid_frac"] == 0.0
     summary = json.loads((trainer.run_dir / "eval" / "summary.json").read_text())
     assert all(0.25 <= row["student_after"] <= 0.75 for row in summary["domains"].values())
+
+
+def test_lora_updates_only_adapted_projections_and_saves_merged_weights(workspace):
+    trainer = run(job(workspace, "lora", {
+        "model": {"path": str(workspace / "student"), "tokenizer": "model",
+                  "lora": {"enabled": True, "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "optim": {"lr": 1e-2},
+        "trainer": {"steps": 2, "eval_teachers": False, "eval_at_start": False, "checkpoint_every": 0},
+    }))
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    before = load_model(trainer.run_dir / "checkpoints" / "step_000000").state_dict()
+    after = load_model(trainer.run_dir / "final").state_dict()  # a plain HF folder: LoRA merged in
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+    assert not any(".visual." in f".{k}" for k in changed)
+    assert (trainer.run_dir / "final" / "adapter" / "adapter_config.json").exists()
