@@ -68,18 +68,117 @@ def pack(prompts: list[RenderedPrompt], responses: list[list[int]], pad_id: int)
 
 
 def response_logits(model, batch: PackedBatch) -> torch.Tensor:
-    """Logits `[B, T, V]` that predict each response token (only the last T+1 positions are projected)."""
+    """Logits `[B, T, V]` that predict each response token: only positions P-1 .. P+T-2 are projected, so the
+    result is contiguous (no copy of a sliced vocabulary-wide tensor) and holds no unused last position."""
     t_len = batch.response_mask.shape[1]
-    out = model(**batch.model_inputs(), use_cache=False, logits_to_keep=t_len + 1)
-    return out.logits[:, :-1, :]
+    p_len = batch.prompt_len
+    keep = torch.arange(p_len - 1, p_len + t_len - 1, device=batch.input_ids.device)
+    return model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep).logits
+
+
+# Rows of vocabulary-wide work per chunk: 16 x 151k float32 is ~10 MB, a scratch buffer malloc can reuse
+# instead of page-faulting a fresh [B, T, V] tensor for every intermediate.
+_CHUNK_ROWS = 16
+
+
+def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logsumexp(logits / temperature) over the vocabulary: `[..., V]` -> `[...]` float32, no gradient.
+
+    Chunked over rows with one reused buffer; equals `torch.logsumexp` to float tolerance.
+    """
+    with torch.no_grad():
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        buf = torch.empty(min(_CHUNK_ROWS, flat.shape[0]), flat.shape[1], dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.shape[0], _CHUNK_ROWS):
+            rows = flat[start : start + _CHUNK_ROWS]
+            b = buf[: rows.shape[0]]
+            if temperature != 1.0 or rows.dtype != torch.float32:
+                rows = torch.div(rows, temperature, out=b)
+            top = rows.amax(dim=-1, keepdim=True)
+            top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+            out[start : start + rows.shape[0]] = torch.sub(rows, top, out=b).exp_().sum(-1).log_().add_(top.squeeze(-1))
+        return out.view(logits.shape[:-1])
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[token] without materialising the log-softmax; the backward writes
+    (onehot - softmax) / T * grad straight into one `[N, V]` gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        lse = logsumexp(logits, temperature)
+        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+        if temperature != 1.0:
+            picked = picked / temperature
+        ctx.save_for_backward(logits, tokens, lse)
+        ctx.temperature = temperature
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, tokens, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        flat = logits.reshape(-1, logits.shape[-1])
+        g = grad.reshape(-1, 1).float()
+        lse_flat = lse.reshape(-1, 1)
+        out = torch.empty_like(flat)
+        buf = None if temperature == 1.0 and out.dtype == torch.float32 else torch.empty(
+            min(_CHUNK_ROWS, flat.shape[0]), flat.shape[1], dtype=torch.float32, device=flat.device)
+        for start in range(0, flat.shape[0], _CHUNK_ROWS):
+            stop = start + _CHUNK_ROWS
+            rows = flat[start:stop]
+            if temperature == 1.0 and out.dtype == torch.float32:
+                torch.sub(rows, lse_flat[start:stop], out=out[start:stop]).exp_().mul_(-g[start:stop])
+                continue
+            b = buf[: rows.shape[0]]
+            torch.div(rows, temperature, out=b)
+            b.sub_(lse_flat[start:stop]).exp_().mul_(-g[start:stop])  # -softmax * grad
+            out[start:stop] = b
+        out.scatter_add_(-1, tokens.reshape(-1, 1), g.to(out.dtype))
+        if temperature != 1.0:
+            out.div_(temperature)
+        return out.view(logits.shape), None, None
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) gathered at `tokens`: `[B, T, V]`, `[B, T]` -> `[B, T]` float32."""
-    logits = logits.float()
+    """log softmax(logits / temperature) gathered at `tokens`: `[B, T, V]`, `[B, T]` -> `[B, T]` float32.
+
+    Computed as logit[token] / T - logsumexp(logits / T) in row chunks (differentiable w.r.t. `logits`), so no
+    full-vocabulary log-softmax is allocated forward or backward.
+    """
+    tokens = tokens.long()
+    if logits.requires_grad and torch.is_grad_enabled():
+        return _TokenLogprob.apply(logits, tokens, float(temperature))
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
     if temperature != 1.0:
-        logits = logits / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), -1, tokens.unsqueeze(-1)).squeeze(-1)
+        picked = picked / temperature
+    return picked - logsumexp(logits, temperature)
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) at each position: `[..., V]` -> `[...]` float32, no gradient.
+
+    H = lse - sum(p * z) with z = logits / T, in row chunks (a logging metric: nothing to backpropagate).
+    """
+    with torch.no_grad():
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+        n = min(_CHUNK_ROWS, flat.shape[0])
+        z = torch.empty(n, flat.shape[1], dtype=torch.float32, device=flat.device)
+        p = torch.empty_like(z)
+        for start in range(0, flat.shape[0], _CHUNK_ROWS):
+            rows = flat[start : start + _CHUNK_ROWS]
+            zc, pc = z[: rows.shape[0]], p[: rows.shape[0]]
+            zc.copy_(rows)
+            if temperature != 1.0:
+                zc.div_(temperature)
+            top = zc.amax(dim=-1, keepdim=True)
+            torch.sub(zc, top, out=pc).exp_()
+            total = pc.sum(-1)
+            expected = pc.mul_(zc.sub_(top)).nan_to_num_(0.0).sum(-1) / total  # E_p[z - max]
+            out[start : start + rows.shape[0]] = total.log() - expected
+        return out.view(logits.shape[:-1])
 
 
 def response_tokens(batch: PackedBatch) -> torch.Tensor:

@@ -30,11 +30,15 @@ SPECIAL_TOKENS = [
 # Atomic but not special (as in Qwen3): decoding a response keeps them, so tool calls and thinking stay parsable.
 TEXT_TOKENS = ["<tool_call>", "</tool_call>", "<think>", "</think>"]
 
-# A compact Qwen-style template: tools in a system turn, then `<|im_start|>role\ncontent<|im_end|>\n` turns.
+# A compact Qwen-style template: tools in a system turn, one `name(arg: type, ...) description` line each (a
+# short rendering: prompt length is what tiny models on CPU pay for), then `<|im_start|>role\ncontent<|im_end|>\n`
+# turns.
 CHAT_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n"
     "{% if messages[0].role == 'system' %}{{ messages[0].content }}\n{% endif %}"
-    "<tools>{% for tool in tools %}{{ tool | tojson }}{% endfor %}</tools><|im_end|>\n"
+    "<tools>{% for tool in tools %}{% set fn = tool.function if tool.function is defined else tool %}"
+    "{{ fn.name }}({% for name, spec in fn.parameters.properties.items() %}{{ name }}: {{ spec.type }}"
+    "{% if not loop.last %}, {% endif %}{% endfor %}) {{ fn.description }}\n{% endfor %}</tools><|im_end|>\n"
     "{% elif messages[0].role == 'system' %}<|im_start|>system\n{{ messages[0].content }}<|im_end|>\n"
     "{% endif %}"
     "{% for message in messages %}{% if not (loop.first and message.role == 'system') %}"

@@ -29,7 +29,7 @@ def topk_agreement(response_ids: torch.Tensor, student_topk: torch.Tensor, teach
     return (in_student & in_teacher).float()
 
 
-@register_advantage_estimator("mopd")
+@register_advantage_estimator("mopd", uses_old_logprobs=True)
 def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.Tensor:
     """`[B, T]` reverse-KL advantages from `rollouts.teacher_logprobs` / `teacher_weights` and
     `rollouts.old_logprobs` (the trainer's log-probs before the update). See the module docstring."""

@@ -31,16 +31,24 @@ _ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 _PLUGIN_MODULES = {"mopd": "mopd.estimator"}
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+def register_policy_loss(name: str, uses_old_logprobs: bool = True) -> Callable[[PolicyLoss], PolicyLoss]:
+    """`uses_old_logprobs=False` tells the trainer it may skip the pi_old forward pass for this loss."""
+
     def wrap(fn: PolicyLoss) -> PolicyLoss:
+        fn.uses_old_logprobs = uses_old_logprobs  # type: ignore[attr-defined]
         _POLICY_LOSSES[name] = fn
         return fn
 
     return wrap
 
 
-def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+def register_advantage_estimator(
+    name: str, uses_old_logprobs: bool = False
+) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """`uses_old_logprobs=True` asks the trainer for `rollouts.old_logprobs` before the estimator runs."""
+
     def wrap(fn: AdvantageEstimator) -> AdvantageEstimator:
+        fn.uses_old_logprobs = uses_old_logprobs  # type: ignore[attr-defined]
         _ADVANTAGE_ESTIMATORS[name] = fn
         return fn
 
@@ -240,7 +248,7 @@ def grpo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     return loss, metrics
 
 
-@register_policy_loss("nll")
+@register_policy_loss("nll", uses_old_logprobs=False)
 def nll_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     """`-A_t * logp_t` without a ratio: supervised fine-tuning when A = 1 (the `sft` estimator)."""
     objective = advantages * logp

@@ -267,7 +267,8 @@ class Trainer:
         t_reward = time.perf_counter()
         self._score_teachers(rollouts)
         t_teacher = time.perf_counter()
-        self._old_logprobs(rollouts)
+        if self._needs_old_logprobs():
+            self._old_logprobs(rollouts)
         self._build_loss_mask(rollouts)
         rollouts.advantages = self.estimator(
             rollouts.rewards, rollouts.group_ids, rollouts.loss_mask, alg, rollouts=rollouts
@@ -346,6 +347,13 @@ class Trainer:
                 rollouts.teacher_topk_ids[name] = ids
                 rollouts.teacher_topk_logprobs[name] = lps
 
+    def _needs_old_logprobs(self) -> bool:
+        """pi_old is needed by ratio losses, by MOPD (the student side of the KL), the mismatch correction and
+        the KL penalty; supervised warm-up (nll on demonstrations) needs none of them."""
+        alg = self.cfg.algorithm
+        return (getattr(self.policy_loss, "uses_old_logprobs", True) or getattr(self.estimator, "uses_old_logprobs", False)
+                or self.reference is not None or (alg.mismatch != "none" and self.cfg.rollout.backend != "reference"))
+
     @torch.no_grad()
     def _old_logprobs(self, rollouts: Rollouts) -> None:
         """pi_old (and the student's top-k when MOPD asks for it, and the reference model's log-probs)."""
@@ -391,7 +399,7 @@ class Trainer:
                 keep = ((ratio >= alg.mismatch_low) & (ratio <= alg.mismatch_high)).float()
                 rollouts.metrics["mismatch/masked_frac"] = float(masked_mean(1 - keep, rollouts.response_mask))
                 mask = mask * keep
-        if sampled:
+        if sampled and rollouts.old_logprobs is not None:
             rm = rollouts.response_mask
             diff = (rollouts.old_logprobs - rollouts.sampler_logprobs).abs()
             rollouts.metrics["mismatch/abs_logprob_diff"] = float(masked_mean(diff, rm))

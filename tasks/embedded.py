@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 5
+SUITE_VERSION = 6
 
 COLOURS = {
     "red": (230, 40, 40),

@@ -18,8 +18,7 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("lq,lk,topk", [(64, 64, 16), (700, 700, 128), (1, 2000, 512), (300, 1300, 256),
-                                        (2500, 2500, 2048)])
+@pytest.mark.parametrize("lq,lk,topk", [(64, 64, 16), (300, 1300, 256), (2500, 2500, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["stream", "chunked"])
 def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method):
@@ -43,7 +42,7 @@ def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method):
     assert ((got - want.sum(-1)).abs() / want.abs().sum(-1).clamp_min(1e-9)).max() < tol
 
 
-@pytest.mark.parametrize("lq,lk,topk", [(128, 128, 32), (500, 900, 256), (3, 700, 64)])
+@pytest.mark.parametrize("lq,lk,topk", [(128, 128, 32), (3, 700, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_attention_forward_backward(lq, lk, topk, dtype):
     from models.dsa.kernels.triton_indexer import indexer_topk

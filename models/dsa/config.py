@@ -43,7 +43,7 @@ class DSAConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DSAConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DSAConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

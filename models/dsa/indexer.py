@@ -63,8 +63,8 @@ class LightningIndexer(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden_states [B, L, hidden], cos/sin [B, L, head_dim] (model tables) ->
         q [B, L, H_I, d_I], k [B, L, d_I], w [B, L, H_I] (float32, scale folded in)."""
-        b, l, _ = hidden_states.shape
-        q = self.wq(hidden_states).view(b, l, self.index_heads, self.index_head_dim)
+        b, n, _ = hidden_states.shape
+        q = self.wq(hidden_states).view(b, n, self.index_heads, self.index_head_dim)
         k = self.k_norm(self.wk(hidden_states))
         if self.rope_dim:
             cos_r, sin_r = slice_rope(cos, sin, self.rope_dim)

@@ -29,7 +29,10 @@ from .triton_topk import row_topk_, slots_topk32
 # milliseconds of its stages (threshold, fused select, final top-k) in stage_ms (benchmarks / tuning)
 STATS: dict = {"fallback_rows": 0, "profile": False, "stage_ms": {}}
 # how the best k of each candidate list are chosen: "radix" (Triton radix select on fp32) or "torch" (torch.topk)
-FINAL_SELECT = "radix"
+FINAL_SELECT = "torch"
+# how the fused pass appends candidates: "atomic" (one atomic per selected score) or "scan" (one per row and tile
+# plus a prefix sum); both measured by bench/bench_dsa.py
+SELECT_APPEND = "atomic"
 
 
 class _Stages:
@@ -103,7 +106,7 @@ def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
                          sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, st_b, sn_b, sc_b, sc_l,
                          q_start, n_rows, n_keys, causal_offset, CAP, KK,
                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         IEEE: tl.constexpr):
+                         IEEE: tl.constexpr, ATOMIC: tl.constexpr):
     """Append the causal scores > TAU[row] to slots [0, CAP) of the row's candidate list and those == TAU
     (ties, common with ReLU zeros) to slots [CAP, CAP + KK); CNT[b, 0/1, row] count both kinds."""
     pid_m = tl.program_id(0)
@@ -119,21 +122,36 @@ def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
         valid = (cols[None, :] <= (rows + causal_offset)[:, None]) & rmask[:, None] & (cols[None, :] < n_keys)
         row_off = b * sc_b + (rows - q_start)[:, None].to(tl.int64) * sc_l  # lists start at row q_start
         col_val = tl.broadcast_to(cols[None, :], (BM, BN))
-        gt = (valid & (acc > tau[:, None])).to(tl.int32)
-        n_gt = tl.sum(gt, 1)
-        base = tl.atomic_add(CNT + b * sn_b + rows, n_gt, mask=rmask & (n_gt > 0), sem="relaxed")
-        pos = base[:, None] + tl.cumsum(gt, 1) - 1
-        keep = (gt > 0) & (pos < CAP)
-        tl.store(CVAL + row_off + pos, acc, mask=keep)
-        tl.store(CIDX + row_off + pos, col_val, mask=keep)
-        eq = (valid & (acc == tau[:, None])).to(tl.int32)
-        n_eq = tl.sum(eq, 1)
-        # CNT is [B, 2, Lq] and TAU [B, Lq], so the second counter row sits st_b (= Lq) further on
-        base = tl.atomic_add(CNT + b * sn_b + st_b + rows, n_eq, mask=rmask & (n_eq > 0), sem="relaxed")
-        pos = base[:, None] + tl.cumsum(eq, 1) - 1
-        keep = (eq > 0) & (pos < KK)
-        tl.store(CVAL + row_off + CAP + pos, acc, mask=keep)
-        tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
+        cnt_gt = CNT + b * sn_b + rows
+        cnt_eq = cnt_gt + st_b  # CNT is [B, 2, Lq] and TAU [B, Lq]: the second counter row is st_b (= Lq) on
+        gt = valid & (acc > tau[:, None])
+        eq = valid & (acc == tau[:, None])
+        if ATOMIC:  # one atomic per selected score: cheap when few pass (about 1.5 k of each row's keys)
+            pos = tl.atomic_add(tl.broadcast_to(cnt_gt[:, None], (BM, BN)), 1, mask=gt, sem="relaxed")
+            keep = gt & (pos < CAP)
+            tl.store(CVAL + row_off + pos, acc, mask=keep)
+            tl.store(CIDX + row_off + pos, col_val, mask=keep)
+            if tl.sum(eq.to(tl.int32)) > 0:
+                pos = tl.atomic_add(tl.broadcast_to(cnt_eq[:, None], (BM, BN)), 1, mask=eq, sem="relaxed")
+                keep = eq & (pos < KK)
+                tl.store(CVAL + row_off + CAP + pos, acc, mask=keep)
+                tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
+        else:  # one atomic per row and tile, positions by a prefix sum along the row
+            gti = gt.to(tl.int32)
+            n_gt = tl.sum(gti, 1)
+            base = tl.atomic_add(cnt_gt, n_gt, mask=rmask & (n_gt > 0), sem="relaxed")
+            pos = base[:, None] + tl.cumsum(gti, 1) - 1
+            keep = gt & (pos < CAP)
+            tl.store(CVAL + row_off + pos, acc, mask=keep)
+            tl.store(CIDX + row_off + pos, col_val, mask=keep)
+            eqi = eq.to(tl.int32)
+            n_eq = tl.sum(eqi, 1)
+            if tl.sum(n_eq) > 0:
+                base = tl.atomic_add(cnt_eq, n_eq, mask=rmask & (n_eq > 0), sem="relaxed")
+                pos = base[:, None] + tl.cumsum(eqi, 1) - 1
+                keep = eq & (pos < KK)
+                tl.store(CVAL + row_off + CAP + pos, acc, mask=keep)
+                tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
 
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_start: int, n_rows: int, n_keys: int,
@@ -217,7 +235,8 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
                                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                                w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
                                cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
-                               BM=bm, BN=bn, IEEE=q.dtype == torch.float32, num_warps=8, num_stages=2)
+                               BM=bm, BN=bn, IEEE=q.dtype == torch.float32, ATOMIC=SELECT_APPEND == "atomic",
+                               num_warps=8, num_stages=2)
     marks.mark("select")
     # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
     if FINAL_SELECT == "radix":

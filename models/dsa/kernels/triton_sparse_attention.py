@@ -32,11 +32,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _sparse_fwd_kernel(Q, K, V, IDX, O, LSE, qk_scale,
+def _sparse_fwd_kernel(Q, K, V, IDX, Out, LSE, qk_scale,
                        sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
                        si_b, si_l, so_b, so_l, so_h, sl_b, sl_l,
                        KK, causal_offset,
-                       G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                       G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
+                       IEEE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -70,7 +71,7 @@ def _sparse_fwd_kernel(Q, K, V, IDX, O, LSE, qk_scale,
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * so_b + t * so_l + heads[:, None] * so_h + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(Out + b * so_b + t * so_l + heads[:, None] * so_h + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=hmask[:, None])
     lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + b * sl_b + t * sl_l + heads, lse, mask=hmask)
@@ -82,7 +83,8 @@ def _sparse_bwd_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV, qk_scale, sm_sc
                        si_b, si_l, sdo_b, sdo_l, sdo_h, sl_b, sl_l,
                        sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h,
                        KK, causal_offset,
-                       G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+                       G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
+                       IEEE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
