@@ -128,6 +128,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")
     config = AutoConfig.from_pretrained(str(path))
+    if getattr(config, "dsa", None) or getattr(config.get_text_config(), "dsa", None):
+        from models.dsa import load_dsa_model  # a DSA student: indexer weights and settings come back too
+
+        return load_dsa_model(path, dtype=dtype)
     if config.model_type == "qwen3_vl_moe":
         return Qwen3VLMoeForConditionalGeneration.from_pretrained(str(path), dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)

@@ -51,6 +51,21 @@ class LoraConfig:
 
 
 @dataclass
+class DSAModelConfig:
+    enabled: bool = _help("Attach DeepSeek Sparse Attention (lightning indexer + top-k GQA attention).", default=False)
+    topk: int = _help("Keys each query attends to (fewer candidates: exactly dense).", default=2048)
+    index_heads: int = _help("Indexer query heads.", default=4)
+    index_head_dim: int = _help("Indexer head size.", default=64)
+    stage: Literal["none", "dense_warmup", "sparse"] = _help(
+        "Indexer training: 'dense_warmup' (main model frozen, dense attention, indexer learns the attention "
+        "distribution), 'sparse' (top-k attention, indexer keeps its KL on the selected keys, input detached), "
+        "'none' (the indexer is not trained).",
+        default="none",
+    )
+    indexer_loss_weight: float = _help("Weight of the indexer KL added to the loss in the two stages.", default=1.0)
+
+
+@dataclass
 class ModelConfig:
     path: str | None = _help("Hugging Face folder of the student; null builds `tiny` from scratch.", default=None)
     tiny: TinyModelConfig = _help("Size of a model built from scratch (when `path` is null).", default_factory=TinyModelConfig)
@@ -60,6 +75,7 @@ class ModelConfig:
     )
     freeze_vision: bool = _help("Freeze the vision encoder and projector (no grad, no optimizer state).", default=True)
     lora: LoraConfig = _help("LoRA on the language model.", default_factory=LoraConfig)
+    dsa: DSAModelConfig = _help("DeepSeek Sparse Attention on the language model.", default_factory=DSAModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Training dtype of the student.", default="float32")
     template_kwargs: dict[str, Any] = _help(
         "Extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3.", default_factory=dict

@@ -38,6 +38,17 @@ def build_student(cfg, tokenizer):
     else:
         spec = TinyModelSpec(**{k: v for k, v in vars(cfg.model.tiny).items()})
         model = build_model(spec, tokenizer, seed=cfg.run.seed).to(DTYPES[cfg.model.dtype])
+    dsa = cfg.model.dsa
+    if dsa.enabled and not getattr(model.config, "dsa", None):
+        from models.dsa import attach_dsa
+
+        attach_dsa(model, topk=dsa.topk, index_heads=dsa.index_heads, index_head_dim=dsa.index_head_dim)
+    if dsa.stage != "none":
+        if not getattr(model.config, "dsa", None):
+            raise ValueError(f"model.dsa.stage={dsa.stage!r} needs a DSA model: set model.dsa.enabled=true")
+        from models.dsa.training import set_trainable_for_mode
+
+        set_trainable_for_mode(model, dsa.stage)  # warm-up: indexers only; sparse: indexers + language model
     frozen = freeze_vision(model) if cfg.model.freeze_vision else []
     if cfg.model.lora.enabled:
         model = _add_lora(model, cfg.model.lora)

@@ -421,7 +421,7 @@ class Trainer:
             for idx in self._micro_batches(len(mini_roll)):
                 micro = mini_roll.select(idx)
                 batch = self._pack(micro, list(range(len(micro))))
-                logits = response_logits(self.model, batch)
+                logits, indexer_loss, indexer_metrics = self._forward_for_update(batch)
                 logp = token_logprobs(logits, micro.response_ids)
                 loss, metrics = self.policy_loss(
                     logp, micro.old_logprobs, micro.advantages, micro.loss_mask, alg, weights=micro.token_weights
@@ -431,6 +431,9 @@ class Trainer:
                 total = loss
                 if alg.entropy_coef:
                     total = total - alg.entropy_coef * entropy
+                if indexer_loss is not None:
+                    total = total + self.cfg.model.dsa.indexer_loss_weight * indexer_loss
+                    metrics.update(indexer_metrics)
                 if self.reference is not None:
                     kl = _k3_kl(logp, micro.ref_logprobs, micro.loss_mask, alg.loss_agg)
                     total = total + alg.kl_coef * kl
@@ -447,6 +450,21 @@ class Trainer:
             self.scheduler.step()
             count += 1
         return totals
+
+    def _forward_for_update(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """Response logits `[B, T, V]`, plus the DSA indexer's KL when a DSA stage trains it (same forward)."""
+        stage = self.cfg.model.dsa.stage
+        if stage == "none":
+            return response_logits(self.model, batch), None, {}
+        from models.dsa.training import indexer_kl_loss
+
+        t_len = batch.response_mask.shape[1]
+        inputs = batch.model_inputs()
+        input_ids, attention_mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        loss, metrics, out = indexer_kl_loss(
+            self.model, input_ids, attention_mask, mode=stage, return_outputs=True, logits_to_keep=t_len + 1, **inputs
+        )
+        return out.logits[:, :-1, :], loss, {f"dsa/{k}": v for k, v in metrics.items()}
 
     def _micro_batches(self, n: int) -> list[list[int]]:
         size = max(1, self.cfg.trainer.micro_batch_size)

@@ -169,3 +169,30 @@ def test_lora_updates_only_adapted_projections_and_saves_merged_weights(workspac
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
     assert not any(".visual." in f".{k}" for k in changed)
     assert (trainer.run_dir / "final" / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_dsa_indexer_stages_train_what_they_should(workspace, stage):
+    """Warm-up moves only the indexers; the sparse stage moves indexers and language model; vision never."""
+    trainer = run(job(workspace, f"dsa_{stage}", {
+        "model": {"path": str(workspace / "student"), "tokenizer": "model",
+                  "dsa": {"enabled": True, "topk": 8, "index_heads": 2, "index_head_dim": 16, "stage": stage}},
+        # supervised on demonstrations, so the language model always has a gradient in the sparse stage
+        "teachers": [], "rollout": {"backend": "reference", "num_workers": 0, "group_size": 1},
+        "algorithm": {"advantage": "sft", "policy_loss": "nll", "mismatch": "none"},
+        "optim": {"lr": 1e-2},
+        "trainer": {"steps": 2, "eval_teachers": False, "eval_at_start": False, "checkpoint_every": 0},
+    }))
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["dsa/indexer_kl"] > 0 for r in records)
+    before = load_model(trainer.run_dir / "checkpoints" / "step_000000").state_dict()
+    after = load_model(trainer.run_dir / "final").state_dict()  # reloads as a DSA model, indexers included
+    indexer = {k for k in after if ".indexer." in k}
+    assert indexer and indexer <= set(before)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed & indexer
+    assert not any(".visual." in f".{k}" for k in changed)
+    if stage == "dense_warmup":
+        assert changed <= indexer
+    else:
+        assert changed - indexer
