@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", help="the benchmark's files")
     p.add_argument("--video-dir", help="video folder of a video benchmark")
     p.add_argument("--limit", type=int, help="evaluate at most this many samples")
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="argument of the benchmark's task source, YAML value (e.g. --arg lengths=[1024,4096])")
     p.add_argument("--watch", action="store_true", help="keep scoring new checkpoints of the run as they appear")
     p.add_argument("--poll", type=float, default=10.0, help="seconds between looks for new checkpoints (--watch)")
     p.add_argument("--out", help="where to write the JSON (default: inside the run or checkpoint)")

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from models.chat import ChatRenderer
 from models.factory import load_model, load_tokenizer, vision_layout
 from rewards.scorer import RewardScorer
@@ -32,7 +34,7 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    path = Path(args.path).resolve()  # `final` is a link into checkpoints/
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     cfg, _ = load_config(_find_config(path, args.config))
@@ -68,8 +70,13 @@ class CheckpointEvaluator:
         self.results_dir = f"eval_{args.benchmark}" if args.benchmark else "eval"
         if args.benchmark:
             task_args: dict[str, Any] = {}
+            for item in args.arg:
+                key, sep, raw = item.partition("=")
+                if not sep:
+                    raise ValueError(f"--arg {item!r} must look like KEY=VALUE")
+                task_args[key] = yaml.safe_load(raw)
             if args.annotations:
-                task_args["annotations" if args.benchmark != "niah" else "annotations"] = args.annotations
+                task_args["annotations"] = args.annotations
             if args.video_dir:
                 task_args["video_dir"] = args.video_dir
             if args.limit:
