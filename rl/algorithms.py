@@ -205,11 +205,20 @@ def gspo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     return loss, metrics
 
 
-def _token_clipped_objective(ratio, advantages, low, high):
+def _token_clipped_loss(ratio, advantages, mask, cfg, weights):
+    """The PPO-style clipped objective per token, weighted, aggregated by cfg `loss_agg`; loss and metrics."""
+    low, high = _clip_bounds(cfg)
     clipped_ratio = torch.clamp(ratio, 1 - low, 1 + high)
     objective = torch.minimum(ratio * advantages, clipped_ratio * advantages)
     clipped = ((ratio * advantages) > (clipped_ratio * advantages)).float()
-    return objective, clipped
+    if weights is not None:
+        objective = objective * weights.detach()
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
+    metrics = {
+        "actor/clip_frac": float(masked_mean(clipped, mask)),
+        "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
+    }
+    return loss, metrics
 
 
 @register_policy_loss("gspo_token")
@@ -217,35 +226,16 @@ def gspo_token_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     """GSPO-token: `s_it = sg[s_i] * pi(y_t) / sg[pi(y_t)]` (value s_i, gradient per token), so per-token
     advantages (MOPD's reverse KL) keep their token resolution; equals GSPO when advantages are constant within
     a sequence. Aggregation: cfg `loss_agg` (default seq_mean_token_mean, the paper's)."""
-    low, high = _clip_bounds(cfg)
     log_ratio_seq = masked_mean(logp - old_logp, mask, dim=-1).detach()
     ratio = torch.exp(log_ratio_seq.unsqueeze(-1) + logp - logp.detach())
-    objective, clipped = _token_clipped_objective(ratio, advantages, low, high)
-    if weights is not None:
-        objective = objective * weights.detach()
-    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
-    metrics = {
-        "actor/clip_frac": float(masked_mean(clipped, mask)),
-        "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
-    }
-    return loss, metrics
+    return _token_clipped_loss(ratio, advantages, mask, cfg, weights)
 
 
 @register_policy_loss("grpo")
 def grpo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     """GRPO / PPO-clip with a token-level ratio `r_t = exp(logp_t - old_logp_t)` clipped to
     `[1 - clip_low, 1 + clip_high]`. Aggregation: cfg `loss_agg` (default seq_mean_token_mean)."""
-    low, high = _clip_bounds(cfg)
-    ratio = torch.exp(logp - old_logp)
-    objective, clipped = _token_clipped_objective(ratio, advantages, low, high)
-    if weights is not None:
-        objective = objective * weights.detach()
-    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
-    metrics = {
-        "actor/clip_frac": float(masked_mean(clipped, mask)),
-        "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
-    }
-    return loss, metrics
+    return _token_clipped_loss(torch.exp(logp - old_logp), advantages, mask, cfg, weights)
 
 
 @register_policy_loss("nll", uses_old_logprobs=False)
