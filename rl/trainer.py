@@ -131,16 +131,14 @@ class Trainer:
         if folder is None:
             return False
         state = load_trainer_state(folder)
-        from models.factory import load_model
-
-        loaded = load_model(folder).state_dict()
-        target = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if hasattr(self.model, "peft_config"):
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, state["adapter"])
         else:
-            target.load_state_dict(loaded)
+            from models.factory import load_model
+
+            self.model.load_state_dict(load_model(folder).state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["data"])
@@ -220,13 +218,12 @@ class Trainer:
                 logger.log(self.step, metrics)
                 logger.progress(metrics)
                 last = self.step == cfg.trainer.steps
-                every = cfg.trainer.checkpoint_every
-                if last or (every and self.step % every == 0):
-                    self._save(self.step)
-                ev = cfg.trainer.eval_every
-                if last or (ev and self.step % ev == 0):
+                every, ev = cfg.trainer.checkpoint_every, cfg.trainer.eval_every
+                due_eval = last or bool(ev and self.step % ev == 0)
+                if due_eval:
                     self.evaluate(self.step)
-                    self._save(self.step)  # keep eval history in the checkpoint's state
+                if due_eval or (every and self.step % every == 0):
+                    self._save(self.step)  # an evaluated step is saved too, so its result is in the resumable state
         finally:
             logger.close()
         if not self._evaluated(self.step):
