@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 6
+SUITE_VERSION = 8
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -123,22 +123,22 @@ def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
 
 
 def make_retrieval_sample(rng: random.Random, idx: int, split: str, lengths: tuple[int, ...]) -> Sample:
-    """`n` records `key: value`; the question asks for one key at a recorded depth."""
+    """`n` records "- value for key" after the question about one key, at a recorded depth."""
     n = rng.choice(lengths)
     keys = rng.sample(KEY_WORDS, n)
     values = [rng.choice(VALUE_WORDS) for _ in keys]
     pos = rng.randrange(n)
-    # "- key=value" lines: the key tokenises as in the question (" key") and the value ("=value") follows it
-    # directly, so retrieval is the classic induction copy rather than a copy plus a learned token mapping.
-    haystack = "\n".join(f"- {k}={v}" for k, v in zip(keys, values))
-    question = f"{haystack}\nWhat is the value of {keys[pos]}?"
+    # The question comes first and each record names its value before its key: a record's key token can then
+    # recognise the asked key and its value in one layer, and the answer read it in the next (the same shape as
+    # the video task). Keys and values tokenise identically in question, records and answer (" key", " value").
+    haystack = "\n".join(f"- {v} for {k}" for k, v in zip(keys, values))
+    question = f"Which value is for {keys[pos]}?\n{haystack}"
     return Sample(
         id=f"retrieval-{split}-{idx}",
         domain="retrieval",
         messages=[{"role": "user", "content": question}],
         reference={"key": keys[pos], "value": values[pos]},
-        # Restating the key first turns the answer into the classic induction pattern (" key" -> "=value").
-        target=f" {keys[pos]}={values[pos]}",
+        target=f" {values[pos]}",
         metadata={"task": "kv_retrieval", "length": n, "depth": round(pos / max(n - 1, 1), 2)},
     )
 
@@ -197,7 +197,7 @@ def make_reasoning_sample(rng: random.Random, idx: int, split: str) -> Sample:
     )
 
 
-def generate(domain: str, split: str, n: int, seed: int, retrieval_lengths: tuple[int, ...] = (4, 6, 8)) -> list[Sample]:
+def generate(domain: str, split: str, n: int, seed: int, retrieval_lengths: tuple[int, ...] = (3, 5, 7)) -> list[Sample]:
     """`n` samples of one domain and split; train and eval use disjoint seeds."""
     rng = random.Random(f"{seed}-{domain}-{split}")
     if domain == "video":

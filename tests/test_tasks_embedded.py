@@ -48,17 +48,22 @@ def test_retrieval_records_length_and_depth():
     for s in generate("retrieval", "train", 20, seed=1):
         lines = [line for line in s.messages[0]["content"].splitlines() if line.startswith("- ")]
         assert len(lines) == s.metadata["length"]
-        position = next(i for i, line in enumerate(lines) if line.startswith(f"- {s.reference['key']}="))
+        position = next(i for i, line in enumerate(lines) if line.endswith(f" for {s.reference['key']}"))
+        assert lines[position] == f"- {s.reference['value']} for {s.reference['key']}"
         assert s.metadata["depth"] == pytest.approx(position / max(len(lines) - 1, 1), abs=0.01)
 
 
-def test_keys_and_values_tokenise_the_same_in_haystack_question_and_answer(tmp_path):
+def test_keys_and_values_tokenise_the_same_in_question_records_and_answer(tmp_path):
     tok = embedded_tokenizer(tmp_path)
     for s in generate("retrieval", "train", 10, seed=2):
-        prompt = tok.tokenize(s.messages[0]["content"])
+        question, *records = s.messages[0]["content"].splitlines()
         answer = tok.tokenize(s.target)
-        assert answer[0] in prompt and answer[1] in prompt  # " key" and "=value" are copied tokens
-        assert prompt[-2] == answer[0]  # the question ends with the same key token
+        assert len(answer) == 1  # one value token, copied from the records
+        record = next(r for r in records if r.endswith(f" for {s.reference['key']}"))
+        key_token = tok.tokenize(" " + s.reference["key"])
+        assert len(key_token) == 1
+        assert key_token[0] in tok.tokenize(question) and key_token[0] in tok.tokenize(record)
+        assert answer[0] == tok.tokenize(record)[1]  # "-", " value", " for", " key"
 
 
 def test_demonstrations_score_one_and_bad_answers_zero():
@@ -66,7 +71,7 @@ def test_demonstrations_score_one_and_bad_answers_zero():
     good = _score(samples, [s.target for s in samples])
     assert good.rewards.tolist() == [1.0] * len(samples)
     bad_answers = {
-        "video": "[9, 9.5]", "retrieval": "apple=nothing", "tool": '<tool_call>{"name": "calculator", "arguments":',
+        "video": "[9, 9.5]", "retrieval": "nothing", "tool": '<tool_call>{"name": "calculator", "arguments":',
         "reasoning": "no idea",
     }
     bad = _score(samples, [bad_answers[s.domain] for s in samples])

@@ -212,3 +212,17 @@ def test_vllm_teacher_scores_equal_the_transformers_teacher(workspace):
     mask = torch.tensor([[1] * 4 + [0] * 2, [1] + [0] * 5, [0] * 6, [1] * 6], dtype=torch.bool)
     assert torch.equal(mine.topk_ids[mask], hf.topk_ids[mask])
     assert torch.allclose(mine.topk_logprobs[mask], hf.topk_logprobs[mask], atol=1e-4)
+
+
+@needs_vllm
+def test_vllm_teacher_scores_video_samples_in_the_native_view_like_transformers(workspace):
+    from teachers.hf_teacher import HFTeacher
+    from teachers.vllm_teacher import VLLMTeacher
+
+    path = str(workspace / "student")
+    samples = [make_video_sample(make_video(4, 32, seed=s), sid=f"v{s}") for s in range(2)] + [make_text_sample()]
+    responses = [[5, 17, 40, 2], [33, 34], [7]]
+    hf = HFTeacher("vl", path).score(samples, responses)
+    mine = VLLMTeacher("vl", path).score(samples, responses)
+    assert torch.allclose(mine.logprobs, hf.logprobs, atol=1e-4)
+    assert mine.topk_ids is None and mine.logprobs[1, 2:].eq(0).all()
