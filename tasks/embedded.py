@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 8
+SUITE_VERSION = 9
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -96,16 +96,17 @@ def draw_squares(
 
 
 def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
-    """A clip of 8 frames at 1 fps (8 s); the named colour is visible during [s, e), on 2-second groups."""
+    """A clip of 8 frames at 1 fps (8 s); the named colour is visible during one 2-second group [s, s + 2)."""
     names = list(COLOURS)
     target_colour = rng.choice(names)
     distractor = rng.choice([c for c in names if c != target_colour])
     duration = int(VIDEO_FRAMES / VIDEO_FPS)
+    # The event fills one temporal group (2 s); a distractor of another colour fills another group.
     g = GROUP_SECONDS
     start = rng.randrange(0, duration, g)
-    end = rng.randrange(start + g, duration + 1, g)
-    d_start = rng.randrange(0, duration, g)
-    d_end = rng.randrange(d_start + g, duration + 1, g)
+    end = start + g
+    d_start = rng.choice([t for t in range(0, duration, g) if t != start])
+    d_end = d_start + g
     np_rng = np.random.default_rng(rng.randrange(1 << 30))
     # The target square sits in the top band and the distractor in the bottom band: never occluded.
     frames, timestamps, captions = draw_squares(np_rng, [(target_colour, start, end), (distractor, d_start, d_end)])
@@ -197,7 +198,7 @@ def make_reasoning_sample(rng: random.Random, idx: int, split: str) -> Sample:
     )
 
 
-def generate(domain: str, split: str, n: int, seed: int, retrieval_lengths: tuple[int, ...] = (3, 5, 7)) -> list[Sample]:
+def generate(domain: str, split: str, n: int, seed: int, retrieval_lengths: tuple[int, ...] = (2, 3, 4)) -> list[Sample]:
     """`n` samples of one domain and split; train and eval use disjoint seeds."""
     rng = random.Random(f"{seed}-{domain}-{split}")
     if domain == "video":
