@@ -25,7 +25,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 9
+SUITE_VERSION = 10
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -101,15 +101,17 @@ def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
     target_colour = rng.choice(names)
     distractor = rng.choice([c for c in names if c != target_colour])
     duration = int(VIDEO_FRAMES / VIDEO_FPS)
-    # The event fills one temporal group (2 s); a distractor of another colour fills another group.
+    # The event fills one temporal group (2 s). Half the clips also show a distractor of another colour in
+    # another group (bottom band, never occluding): the colour named in the question then decides the answer.
     g = GROUP_SECONDS
     start = rng.randrange(0, duration, g)
     end = start + g
-    d_start = rng.choice([t for t in range(0, duration, g) if t != start])
-    d_end = d_start + g
+    events = [(target_colour, start, end)]
+    if rng.random() < 0.5:
+        d_start = rng.choice([t for t in range(0, duration, g) if t != start])
+        events.append((distractor, d_start, d_start + g))
     np_rng = np.random.default_rng(rng.randrange(1 << 30))
-    # The target square sits in the top band and the distractor in the bottom band: never occluded.
-    frames, timestamps, captions = draw_squares(np_rng, [(target_colour, start, end), (distractor, d_start, d_end)])
+    frames, timestamps, captions = draw_squares(np_rng, events)
     question = f"When is the {target_colour} square visible? Answer as [start, end] in seconds."
     video = VideoPart(frames=frames, timestamps=timestamps, captions=captions, fps=VIDEO_FPS)
     return Sample(
