@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install install-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -12,6 +12,14 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM (CPU build) in its own environment: see docs/vllm.md for why torchvision needs the hook.
+install-vllm:
+	python3 -m venv .venv-vllm
+	.venv-vllm/bin/pip install -q torch==2.13.0
+	.venv-vllm/bin/pip install -q -e ".[dev,vllm]"
+	.venv-vllm/bin/pip uninstall -y -q torchaudio torchcodec
+	.venv-vllm/bin/python -m rollout.vllm_compat --install-torchvision-hook
 
 demo: install
 	$(PY) -m cli demo

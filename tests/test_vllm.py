@@ -226,3 +226,28 @@ def test_vllm_teacher_scores_video_samples_in_the_native_view_like_transformers(
     mine = VLLMTeacher("vl", path).score(samples, responses)
     assert torch.allclose(mine.logprobs, hf.logprobs, atol=1e-4)
     assert mine.topk_ids is None and mine.logprobs[1, 2:].eq(0).all()
+
+
+@needs_vllm
+def test_engine_in_a_ray_actor_follows_broadcast_weights(workspace, project_tokenizer):
+    """The run's hosting: the engine in its own Ray actor process, weights broadcast as the trainer does."""
+    from rollout.actors import ActorPool
+    from rollout.hf_engine import HFEngine
+    from rollout.worker import combine_generations
+
+    path = str(workspace / "student")
+    pool = ActorPool("rollout", "rollout.worker:RolloutWorker",
+                     {"backend": "vllm", "engine_kwargs": {"model_path": path, "batch_size": 8}}, num_workers=1, threads=1)
+    try:
+        _, prompts = render_all(workspace, [make_text_sample(q) for q in QUESTIONS[:2]]
+                                + [make_video_sample(make_video(4, 32, seed=1))])
+        settings = SamplingSettings(max_new_tokens=8, greedy=True)
+        new = {k: v.detach() for k, v in build_model(TinyModelSpec(family="qwen3_vl_moe", **TINY), project_tokenizer,
+                                                      seed=5).state_dict().items()}
+        pool.broadcast("load_weights", new)
+        hf_engine = HFEngine(model_path=path)
+        hf_engine.load_weights(new)
+        gens = pool.map("generate", prompts, [None] * len(prompts), settings=settings, combine=combine_generations)
+        assert gens.response_ids == [hf_engine.generate([p], settings).response_ids[0] for p in prompts]
+    finally:
+        pool.shutdown()
