@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from models.batching import pack, response_logits, token_logprobs
+from models.batching import pack, response_logits, token_entropy, token_logprobs
 from models.chat import ChatRenderer
 from models.factory import quiet_libraries, vision_layout
 from rewards.scorer import RewardScorer
@@ -424,7 +424,7 @@ class Trainer:
                     logp, micro.old_logprobs, micro.advantages, micro.loss_mask, alg, weights=micro.token_weights
                 )
                 share = _units(micro.loss_mask, alg.loss_agg, alg.policy_loss) / max(units_total, 1e-9)
-                entropy = _entropy(logits, micro.response_mask)
+                entropy = _entropy(logits, micro.response_mask, differentiable=bool(alg.entropy_coef))
                 total = loss
                 if alg.entropy_coef:
                     total = total - alg.entropy_coef * entropy
@@ -593,7 +593,11 @@ def _units(mask: torch.Tensor, loss_agg: str, policy_loss: str) -> float:
     return float((mask.sum(-1) > 0).sum())
 
 
-def _entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _entropy(logits: torch.Tensor, mask: torch.Tensor, differentiable: bool = True) -> torch.Tensor:
+    """Masked mean entropy. Without an entropy bonus it is only logged: computed without autograd in row chunks
+    (`models.batching.token_entropy`), so no `[B, T, V]` log-softmax / exp / product graph is built."""
+    if not differentiable:
+        return masked_mean(token_entropy(logits), mask)
     logp = torch.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(-1)
     return masked_mean(ent, mask)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from models.batching import pack, response_logits, response_tokens
+from models.batching import logsumexp, pack, response_logits, response_tokens
 from models.chat import ChatRenderer
 from models.factory import load_model, load_tokenizer, vision_layout
 from tasks.base import Sample
@@ -57,13 +57,15 @@ class HFTeacher:
             batch = pack(prompts, responses[chunk], self.tokenizer.pad_token_id)
             inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
             batch = type(batch)(**inputs)
-            logp_all = torch.log_softmax(response_logits(self.model, batch).float(), dim=-1)  # [b, t, V]
+            logits = response_logits(self.model, batch)  # [b, t, V]
+            lse = logsumexp(logits)  # [b, t]: log-probs are logit - lse, no [b, t, V] log-softmax
             tokens = response_tokens(batch)
-            lp = torch.gather(logp_all, -1, tokens.unsqueeze(-1)).squeeze(-1) * batch.response_mask
+            picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+            lp = (picked - lse) * batch.response_mask
             n = lp.shape[1]
             logprobs[chunk, :n] = lp.cpu()
             if self.topk:
-                values, ids = logp_all.topk(self.topk, dim=-1)
+                values, ids = logits.topk(self.topk, dim=-1)
                 topk_ids[chunk, :n] = ids.cpu()
-                topk_lp[chunk, :n] = values.cpu()
+                topk_lp[chunk, :n] = (values.float() - lse.unsqueeze(-1)).cpu()
         return TeacherScores(logprobs, topk_ids, topk_lp)
