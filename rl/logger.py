@@ -51,7 +51,7 @@ class MetricsLogger:
         for key, label in keys:
             if key in metrics:
                 shown[label] = f"{metrics[key]:.3f}"
-        self.bar.set_postfix(shown)
+        self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
