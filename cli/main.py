@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from models.factory import quiet_libraries
+
+    quiet_libraries()
     if argv and argv[0] == "score":
         return _score(argv[1:])
     args = build_parser().parse_args(argv)
