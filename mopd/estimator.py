@@ -9,6 +9,8 @@ KL(pi || p_teacher) token by token. Options (cfg keys, read with `rl.algorithms.
 - `mopd_topk` (0 = off): keep only tokens that are inside both the teacher's and the student's top-k (the
   Keye-VL-2.0 rule); the others leave `rollouts.loss_mask`.
 - `mopd_adv_clip` (0 = off): clip A_t to [-c, c] (tokens the teacher finds impossible give -inf-like values).
+- `mopd_baseline` ("none" | "group"): subtract the leave-one-out mean advantage of the prompt's other responses
+  at the same position (variance reduction; the expected gradient is unchanged where the prefix is shared).
 - `outcome_weight` (0 = off): add `w * group-normalised outcome reward advantage` (MiMo-V2-Flash's MOPD).
 """
 
@@ -54,6 +56,8 @@ def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.T
     clip = float(cfg_get(cfg, "mopd_adv_clip", 0.0))
     if clip > 0:
         advantages = advantages.clamp(-clip, clip)
+    if cfg_get(cfg, "mopd_baseline", "none") == "group":
+        advantages = advantages - group_position_baseline(advantages, group_ids, mask)
     if topk:
         keep = (agreement > 0.5).float()
         base = rollouts.loss_mask if rollouts.loss_mask is not None else mask
@@ -64,6 +68,24 @@ def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.T
         advantages = advantages + outcome_weight * group_normalized_advantage(rewards, group_ids, mask, cfg)
     rollouts.metrics.update(reverse_kl_by_domain(rollouts))
     return advantages * mask
+
+
+def group_position_baseline(advantages: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out mean of the other responses of the same prompt at the same token position: `[B, T]`.
+
+    The G responses of a prompt share the prompt, so at position 0 (and wherever they still share the prefix) this
+    is a state baseline: subtracting it keeps the expected gradient and removes the part of the reverse KL that
+    every sample pays, which otherwise pushes all sampled tokens down at once. 0 where no other response has a token
+    and on padding.
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n_groups = int(inverse.max()) + 1
+    masked = advantages * mask
+    totals = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype).index_add_(0, inverse, masked)
+    counts = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype).index_add_(0, inverse, mask)
+    others = (counts[inverse] - mask).clamp(min=0)
+    baseline = torch.where(others > 0, (totals[inverse] - masked) / others.clamp(min=1), torch.zeros_like(advantages))
+    return baseline * mask
 
 
 def reverse_kl_by_domain(rollouts) -> dict[str, float]:

@@ -163,6 +163,10 @@ class AlgorithmConfig:
     outcome_weight: float = _help("MOPD: weight of the added group-normalised outcome advantage (0 = off).", default=0.0)
     mopd_topk: int = _help("MOPD: keep only tokens inside both teacher and student top-k (0 = off).", default=0)
     mopd_adv_clip: float = _help("MOPD: clip per-token advantages to [-c, c] (0 = off).", default=0.0)
+    mopd_baseline: Literal["none", "group"] = _help(
+        "MOPD: 'group' subtracts the leave-one-out mean advantage of the prompt's other responses per position.",
+        default="none",
+    )
     mismatch: Literal["none", "tis", "mask"] = _help(
         "Sampler/trainer log-prob mismatch: 'tis' weights tokens by min(pi_old/pi_sampler, mismatch_cap); "
         "'mask' drops tokens whose ratio leaves [mismatch_low, mismatch_high] (MiMo-V2-Flash).",

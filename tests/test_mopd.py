@@ -276,3 +276,19 @@ def test_full_mopd_loss_known_value_on_one_token():
     assert float(loss.detach()) == pytest.approx(-0.5)
     assert float(logp.grad) == pytest.approx(-0.5)
     assert r.metrics["mopd/reverse_kl/reasoning"] == pytest.approx(-0.5)
+
+
+def test_group_baseline_is_the_leave_one_out_mean_per_position():
+    from mopd.estimator import group_position_baseline
+
+    adv = torch.tensor([[1.0, 2.0, 5.0], [3.0, 4.0, 0.0], [5.0, 0.0, 0.0], [7.0, 8.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    groups = torch.tensor([0, 0, 0, 1])
+    base = group_position_baseline(adv, groups, mask)
+    expected = torch.tensor([
+        [(3 + 5) / 2, 4.0, 0.0],      # position 2: no other response of group 0 has a token there
+        [(1 + 5) / 2, 2.0, 0.0],
+        [(1 + 3) / 2, 0.0, 0.0],        # padding gets no baseline
+        [0.0, 0.0, 0.0],             # a group of one has no baseline
+    ])
+    torch.testing.assert_close(base, expected)
