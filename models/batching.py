@@ -37,12 +37,15 @@ class PackedBatch:
         return kwargs
 
 
-def pack(prompts: list[RenderedPrompt], responses: list[list[int]], pad_id: int) -> PackedBatch:
-    """Left-pad prompts, right-pad responses (which may be empty lists), concatenate."""
+def pack(
+    prompts: list[RenderedPrompt], responses: list[list[int]], pad_id: int, response_len: int | None = None
+) -> PackedBatch:
+    """Left-pad prompts, right-pad responses (which may be empty lists) to `response_len` (default: the longest),
+    concatenate. A fixed `response_len` keeps a sub-batch's response columns aligned with `[B, T]` tensors."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     p_len = max(len(p.input_ids) for p in prompts)
-    t_len = max(1, max(len(r) for r in responses))
+    t_len = max(1, max(len(r) for r in responses), response_len or 0)
     b = len(prompts)
     ids = torch.full((b, p_len + t_len), pad_id, dtype=torch.long)
     mask = torch.zeros((b, p_len + t_len), dtype=torch.long)

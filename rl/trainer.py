@@ -320,7 +320,7 @@ class Trainer:
         if self.router is None:
             return
         weights = self.router.route(rollouts.samples)
-        responses = [row[: int(m.sum())].tolist() for row, m in zip(rollouts.response_ids, rollouts.response_mask)]
+        responses = _unpadded_responses(rollouts, range(len(rollouts)))
         b, t_len = rollouts.response_ids.shape
         for name, w in weights.items():
             idx = torch.nonzero(w > 0).flatten().tolist()
@@ -468,21 +468,9 @@ class Trainer:
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
     def _pack(self, rollouts: Rollouts, idx: list[int]):
-        responses = []
-        for i in idx:
-            n = int(rollouts.response_mask[i].sum())
-            responses.append(rollouts.response_ids[i, :n].tolist())
-        batch = pack([rollouts.prompts[i] for i in idx], responses, self.tokenizer.pad_token_id)
-        # keep the [B, T] width of the rollouts so response columns line up with the tensors
-        t_len = rollouts.response_ids.shape[1]
-        if batch.response_mask.shape[1] < t_len:
-            extra = t_len - batch.response_mask.shape[1]
-            pad = self.tokenizer.pad_token_id
-            batch.input_ids = torch.nn.functional.pad(batch.input_ids, (0, extra), value=pad)
-            batch.attention_mask = torch.nn.functional.pad(batch.attention_mask, (0, extra))
-            batch.mm_token_type_ids = torch.nn.functional.pad(batch.mm_token_type_ids, (0, extra))
-            batch.response_mask = torch.nn.functional.pad(batch.response_mask, (0, extra))
-        return batch
+        responses = _unpadded_responses(rollouts, idx)
+        return pack([rollouts.prompts[i] for i in idx], responses, self.tokenizer.pad_token_id,
+                    response_len=rollouts.response_ids.shape[1])
 
     def _rollout_metrics(self, rollouts: Rollouts) -> dict[str, float]:
         lengths = rollouts.response_mask.sum(-1)
@@ -582,6 +570,11 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- small pure helpers
+
+
+def _unpadded_responses(rollouts: Rollouts, idx) -> list[list[int]]:
+    """The response token ids of rows `idx`, without their right padding."""
+    return [rollouts.response_ids[i, : int(rollouts.response_mask[i].sum())].tolist() for i in idx]
 
 
 def _units(mask: torch.Tensor, loss_agg: str, policy_loss: str) -> float:
