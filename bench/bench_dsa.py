@@ -195,7 +195,7 @@ def bench_length(L: int, topk: int) -> dict:
     ti.FINAL_SELECT = min(finals, key=finals.get)
     res["final_select"] = dict(finals, chosen=ti.FINAL_SELECT)
     appends = {}
-    for mode in ("atomic", "scan"):  # how the fused pass appends candidates
+    for mode in ("atomic", "scan", "loop"):  # how the fused pass appends candidates
         ti.SELECT_APPEND = mode
         appends[mode] = timeit(lambda: indexer_topk(qi, ki, wi, topk), reps)
     ti.SELECT_APPEND = min(appends, key=appends.get)
@@ -266,28 +266,57 @@ def sweep(L: int, topk: int) -> None:
     o_ref, lse_ref = sa.sparse_attention_fwd(q2t, k2t, v2t, idx2, scale, 0)
     d_ref = sa.sparse_attention_bwd(q2t, k2t, v2t, idx2, o_ref, lse_ref, g2, scale, 0)
     best = {}
-    for kind, configs in (("fwd", [(64, 4, 2), (64, 8, 2), (32, 4, 2), (32, 8, 3), (128, 8, 2)]),
-                          ("bwd", [(32, 4, 1), (32, 8, 1), (64, 8, 1), (32, 8, 2), (16, 4, 2)])):
-        for bk, w, st in configs:
-            cfg = {"block_k": bk, "num_warps": w, "num_stages": st}
+    rows, _, n_pass = sa.key_range_segments(idx, L, sa.BWD_CONFIG["key_range"], 0)
+    ms = timeit(lambda: sa.key_range_segments(idx, L, sa.BWD_CONFIG["key_range"], 0), 3)
+    say(f"sweep L={L // 1024}K key-range segments (sort + searchsorted, {n_pass} passes): {ms:8.1f} ms")
+    fwd_cfgs = [(64, 4, 2), (64, 4, 1), (64, 8, 2), (32, 4, 2), (128, 4, 2)]
+    # (block_k, warps, stages, key_range); key_range 0 = the one-pass backward of earlier versions
+    bwd_cfgs = [(32, 4, 2, 0), (32, 4, 2, 8192), (32, 4, 3, 8192), (32, 4, 2, 16384), (32, 4, 2, 4096),
+                (64, 4, 2, 8192), (32, 8, 2, 8192), (16, 4, 3, 8192)]
+    for kind, configs in (("fwd", fwd_cfgs), ("bwd", bwd_cfgs)):
+        for c in configs:
+            cfg = {"block_k": c[0], "num_warps": c[1], "num_stages": c[2]}
             if kind == "fwd":
                 o2, _ = sa.sparse_attention_fwd(q2t, k2t, v2t, idx2, scale, 0, cfg)
                 err = rel(o2, o_ref)
                 ms = timeit(lambda c=cfg: sa.sparse_attention_fwd(qt, kt, vt, idx, scale, 0, c), 3)
             else:
-                d2 = sa.sparse_attention_bwd(q2t, k2t, v2t, idx2, o_ref, lse_ref, g2, scale, 0, cfg)
+                cfg["key_range"] = c[3]
+                small = dict(cfg, key_range=min(c[3], 1024))  # several passes on the small check problem too
+                d2 = sa.sparse_attention_bwd(q2t, k2t, v2t, idx2, o_ref, lse_ref, g2, scale, 0, small)
                 err = max(rel(a, b) for a, b in zip(d2, d_ref))
                 o, lse = sa.sparse_attention_fwd(qt, kt, vt, idx, scale, 0)
                 gg = torch.randn_like(o)
                 ms = timeit(lambda c=cfg, o=o, lse=lse, gg=gg: sa.sparse_attention_bwd(qt, kt, vt, idx, o, lse, gg,
                                                                                         scale, 0, c), 3)
-            say(f"sweep L={L // 1024}K {kind} block_k={bk:3d} warps={w} stages={st}: {ms:8.1f} ms "
-                f"(rel diff to default {err:.1e})")
+            say(f"sweep L={L // 1024}K {kind} {cfg}: {ms:8.1f} ms (rel diff to default {err:.1e})")
             if err < 1e-2 and ms < best.get(kind, (float("inf"),))[0]:
                 best[kind] = (ms, cfg)
     sa.FWD_CONFIG.update(best["fwd"][1])
     sa.BWD_CONFIG.update(best["bwd"][1])
     say(f"chosen: fwd {sa.FWD_CONFIG} bwd {sa.BWD_CONFIG}")
+
+
+def sweep_indexer(L: int, topk: int) -> None:
+    """Time launch settings of the fused score + select pass (register-counter loop) at one length; each is first
+    checked to give the same selection as the default on a small problem; the fastest becomes the default."""
+    import models.dsa.kernels.triton_indexer as ti
+
+    _, _, _, qi, ki, wi = inputs(L, L, torch.bfloat16, 97)
+    _, _, _, qi2, ki2, wi2 = inputs(3000, 3000, torch.bfloat16, 96)
+    ref = indexer_topk(qi2, ki2, wi2, 512).sort(-1).values
+    default = dict(ti.SELECT_CONFIG)
+    best = (float("inf"), default)
+    for bm, bn, w, st in [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 128, 4, 2), (64, 128, 8, 3),
+                          (128, 64, 8, 2), (64, 128, 4, 2)]:
+        ti.SELECT_CONFIG = {"block_m": bm, "block_n": bn, "num_warps": w, "num_stages": st}
+        same = torch.equal(indexer_topk(qi2, ki2, wi2, 512).sort(-1).values, ref)
+        ms = timeit(lambda: indexer_topk(qi, ki, wi, topk), 3)
+        say(f"sweep L={L // 1024}K indexer select {ti.SELECT_CONFIG}: {ms:8.1f} ms (same selection: {same})")
+        if same and ms < best[0]:
+            best = (ms, dict(ti.SELECT_CONFIG))
+    ti.SELECT_CONFIG = best[1]
+    say(f"chosen: indexer select {ti.SELECT_CONFIG}")
 
 
 HEADER = ("|    L | flash fwd | flash f+b | cuDNN fwd | cuDNN f+b | indexer | top-k | (chunked radix) | (chunked torch) "
@@ -312,7 +341,8 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep-length", type=int, default=0,
-                    help="time launch settings of the sparse kernels at this length first (0 = keep the defaults)")
+                    help="time launch settings of the fused indexer select and the sparse kernels at this "
+                         "length first (the fastest become the defaults for the table; 0 = keep the defaults)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -334,6 +364,7 @@ def main() -> None:
     ok = True if args.skip_check else check_correctness()
     say(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
     if args.sweep_length:
+        sweep_indexer(args.sweep_length, args.topk)
         sweep(args.sweep_length, args.topk)
         torch.cuda.empty_cache()
     rows = []
@@ -353,7 +384,9 @@ def main() -> None:
         fin = r["final_select"]
         say(row(r) + f"  ({time.time() - t0:.0f}s, stream fallback rows {r['fallback_rows']}; stages ms: {stages};"
             f" final radix {fin['radix']:.1f} / torch {fin['torch']:.1f} -> {fin['chosen']};"
-            f" append atomic {r['append']['atomic']:.1f} / scan {r['append']['scan']:.1f} -> {r['append']['chosen']})")
+            f" append atomic {r['append']['atomic']:.1f} / scan {r['append']['scan']:.1f}"
+            f" / loop {r['append']['loop']:.1f}"
+            f" -> {r['append']['chosen']})")
         torch.cuda.empty_cache()
     say("")
     say(f"== table ({torch.cuda.get_device_name()}, batch 1, Hq=32 Hkv=4 D=128, top-k {args.topk}, "

@@ -20,9 +20,14 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("lq,lk,topk", [(64, 64, 16), (300, 1300, 256), (2500, 2500, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["stream", "chunked"])
-def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method):
+@pytest.mark.parametrize("method", ["stream", "stream-atomic", "chunked"])
+def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method, monkeypatch):
+    import models.dsa.kernels.triton_indexer as ti
     from models.dsa.kernels.triton_indexer import indexer_topk
+
+    if method == "stream-atomic":  # the per-score atomic append instead of the default register-counter loop
+        monkeypatch.setattr(ti, "SELECT_APPEND", "atomic")
+        method = "stream"
 
     g = torch.Generator(device="cuda").manual_seed(lq * 7 + lk)
     qi = torch.randn(1, lq, 4, 64, device="cuda", generator=g).to(dtype)
@@ -62,6 +67,37 @@ def test_sparse_attention_forward_backward(lq, lk, topk, dtype):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     for a, b in ((out, ref), (qr.grad, q64.grad), (kr.grad, k64.grad), (vr.grad, v64.grad)):
         assert _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("key_range", [0, 128, 1000])
+def test_sparse_backward_key_range_passes_match_reference(key_range):
+    """The backward split into passes over key ranges (sorted index rows, dQ summed over passes) gives the
+    reference gradients; 128 keys per pass means 11 passes here, with many segments shorter than a block."""
+    from models.dsa.kernels.triton_indexer import indexer_topk
+    from models.dsa.kernels.triton_sparse_attention import (key_range_segments, sparse_attention_bwd,
+                                                             sparse_attention_fwd)
+
+    g = torch.Generator(device="cuda").manual_seed(key_range + 5)
+    lq, lk, topk = 300, 1300, 256
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k, v = r(1, lq, 32, 128), r(1, lk, 4, 128), r(1, lk, 4, 128)
+    idx = indexer_topk(r(1, lq, 4, 64), r(1, lk, 64), r(1, lq, 4), topk)
+    rows, seg, n_pass = key_range_segments(idx, lk, key_range, lk - lq)
+    assert n_pass == (1 if key_range == 0 else -(-lk // key_range))
+    if n_pass > 1:  # every valid slot in exactly one segment, each segment inside its key range
+        assert torch.equal(seg[..., -1], (idx >= 0).sum(-1).int())
+        for p in range(n_pass):
+            slot = torch.arange(topk, device="cuda")
+            inside = (slot >= seg[..., p:p + 1]) & (slot < seg[..., p + 1:p + 2])
+            assert ((rows[inside] >= p * key_range) & (rows[inside] < (p + 1) * key_range)).all()
+    out, lse = sparse_attention_fwd(q, k, v, idx, 0.088, lk - lq)
+    go = torch.randn_like(out)
+    dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, go, 0.088, lk - lq, {"key_range": key_range})
+    q64, k64, v64 = (x.double().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    ref = sparse_attention_ref(q64, k64, v64, idx.long(), 0.088)
+    ref.backward(go.double())
+    for a, b in ((dq, q64.grad.transpose(1, 2)), (dk, k64.grad.transpose(1, 2)), (dv, v64.grad.transpose(1, 2))):
+        assert _rel(a, b) < 1e-4
 
 
 def test_model_kernel_path_equals_dense_when_k_covers_length():

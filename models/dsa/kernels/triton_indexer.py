@@ -6,8 +6,8 @@ Default path, `method="stream"` (streaming selection, memory O(L * k)):
   1. threshold: score every query against a strided subsample of the keys (1 in `sub_stride`) and take, per row,
      a value that about 1.5 k of the row's scores exceed (the j-th largest of the subsample);
   2. one fused pass: a Triton kernel computes the scores tile by tile and appends those at or above the row's
-     threshold to a per-row candidate list (capacity 2 k, slot taken with an atomic counter); nothing else is
-     written;
+     threshold to a per-row candidate list (capacity 2 k; by default one program walks all key tiles of its
+     rows with the list counters in registers, see SELECT_APPEND); nothing else is written;
   3. `torch.topk` keeps the best k of each candidate list. Rows whose list came out short (< k) or overflowed
      (> 2 k) - a subsample that misjudged the row - are redone exactly by the chunked path, so the result is
      always the exact top-k.
@@ -30,9 +30,12 @@ from .triton_topk import row_topk_, slots_topk32
 STATS: dict = {"fallback_rows": 0, "profile": False, "stage_ms": {}}
 # how the best k of each candidate list are chosen: "radix" (Triton radix select on fp32) or "torch" (torch.topk)
 FINAL_SELECT = "torch"
-# how the fused pass appends candidates: "atomic" (one atomic per selected score) or "scan" (one per row and tile
-# plus a prefix sum); both measured by bench/bench_dsa.py
-SELECT_APPEND = "atomic"
+# how the fused pass appends candidates: "atomic" (one atomic per selected score), "scan" (one per row and tile
+# plus a prefix sum) or "loop" (one program walks all key tiles of its rows, counters in registers, no atomics);
+# all measured by bench/bench_dsa.py
+SELECT_APPEND = "loop"
+# launch settings of the fused score + select pass (rows and keys per tile, warps, pipeline depth)
+SELECT_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 class _Stages:
@@ -154,6 +157,48 @@ def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
                 tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
 
 
+@triton.jit
+def _score_select_loop_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
+                              sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, st_b, sn_b, sc_b, sc_l,
+                              q_start, n_rows, n_keys, causal_offset, CAP, KK, n_blocks,
+                              H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              IEEE: tl.constexpr):
+    """Like `_score_select_kernel`, but one program owns a block of BM query rows and walks all its causal key
+    tiles, so the per-row list counters live in registers: no atomics, one prefix sum per row and tile.
+    Row blocks are taken longest first (the causal triangle), which balances the SMs."""
+    pid_m = n_blocks - 1 - tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = q_start + pid_m * BM + tl.arange(0, BM)
+    rmask = rows < n_rows
+    tau = tl.load(TAU + b * st_b + rows, mask=rmask, other=float("inf"))
+    row_off = b * sc_b + (rows - q_start)[:, None].to(tl.int64) * sc_l  # lists start at row q_start
+    n_gt = tl.zeros((BM,), tl.int32)
+    n_eq = tl.zeros((BM,), tl.int32)
+    key_end = tl.minimum(n_keys, q_start + pid_m * BM + BM + causal_offset)  # keys seen by the block's last row
+    for c0 in range(0, key_end, BN):
+        cols = c0 + tl.arange(0, BN)
+        acc = _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+                           1, H, D, BM, BN, IEEE)
+        valid = (cols[None, :] <= (rows + causal_offset)[:, None]) & rmask[:, None] & (cols[None, :] < n_keys)
+        col_val = tl.broadcast_to(cols[None, :], (BM, BN))
+        gti = (valid & (acc > tau[:, None])).to(tl.int32)
+        pos = n_gt[:, None] + tl.cumsum(gti, 1) - 1
+        keep = (gti > 0) & (pos < CAP)
+        tl.store(CVAL + row_off + pos, acc, mask=keep)
+        tl.store(CIDX + row_off + pos, col_val, mask=keep)
+        n_gt += tl.sum(gti, 1)
+        eqi = (valid & (acc == tau[:, None])).to(tl.int32)
+        n_eq_tile = tl.sum(eqi, 1)
+        if tl.max(n_eq_tile, 0) > 0:  # ties at the threshold are rare: skip their prefix sum otherwise
+            pos = n_eq[:, None] + tl.cumsum(eqi, 1) - 1
+            keep = (eqi > 0) & (pos < KK)
+            tl.store(CVAL + row_off + CAP + pos, acc, mask=keep)
+            tl.store(CIDX + row_off + CAP + pos, col_val, mask=keep)
+        n_eq += n_eq_tile
+    tl.store(CNT + b * sn_b + rows, n_gt, mask=rmask)
+    tl.store(CNT + b * sn_b + st_b + rows, n_eq, mask=rmask)
+
+
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_start: int, n_rows: int, n_keys: int,
                  causal_offset: int, out: torch.Tensor, key_stride: int = 1, block_m: int = 64,
                  block_n: int = 128, num_warps: int = 8) -> torch.Tensor:
@@ -229,14 +274,25 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
     cnt = torch.zeros(b, 2, lq, dtype=torch.int32, device=dev)  # [:, 0] above the threshold, [:, 1] equal
     cval = torch.full((b, n_rows, cap + kk), float("-inf"), dtype=torch.float32, device=dev)
     cidx = torch.empty(b, n_rows, cap + kk, dtype=torch.int32, device=dev)
-    bm, bn = 64, 128
-    grid = (triton.cdiv(n_rows, bm), triton.cdiv(lk, bn), b)
-    _score_select_kernel[grid](q, k, w, tau, cnt, cval, cidx,
-                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                               w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
-                               cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
-                               BM=bm, BN=bn, IEEE=q.dtype == torch.float32, ATOMIC=SELECT_APPEND == "atomic",
-                               num_warps=8, num_stages=2)
+    sc = SELECT_CONFIG
+    bm, bn = sc["block_m"], sc["block_n"]
+    if SELECT_APPEND == "loop":
+        n_blocks = triton.cdiv(n_rows, bm)
+        _score_select_loop_kernel[(n_blocks, b)](q, k, w, tau, cnt, cval, cidx,
+                                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                                 w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0),
+                                                 cval.stride(0), cval.stride(1), start, lq, lk, off, cap, kk,
+                                                 n_blocks, H=q.shape[2], D=q.shape[3], BM=bm, BN=bn,
+                                                 IEEE=q.dtype == torch.float32, num_warps=sc["num_warps"],
+                                                 num_stages=sc["num_stages"])
+    else:
+        grid = (triton.cdiv(n_rows, bm), triton.cdiv(lk, bn), b)
+        _score_select_kernel[grid](q, k, w, tau, cnt, cval, cidx,
+                                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                   w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
+                                   cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
+                                   BM=bm, BN=bn, IEEE=q.dtype == torch.float32, ATOMIC=SELECT_APPEND == "atomic",
+                                   num_warps=sc["num_warps"], num_stages=sc["num_stages"])
     marks.mark("select")
     # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
     if FINAL_SELECT == "radix":

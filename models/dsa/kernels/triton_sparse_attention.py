@@ -3,7 +3,9 @@
 One program per (query token, KV head, batch): it gathers the selected K/V rows once and uses them for all the
 query heads of that GQA group (8 for Qwen3-30B-A3B), so each gathered row feeds 8 heads. The softmax is the
 streaming (online) one; the forward saves the log-sum-exp (base 2) for the backward, which recomputes the
-probabilities, writes dQ directly and adds dK/dV into fp32 buffers with atomics (rows selected by many queries).
+probabilities, computes dQ per query and adds dK/dV into fp32 buffers with atomics (rows selected by many
+queries). At long context the backward runs in passes over key ranges (index rows sorted and cut into segments,
+`key_range_segments`) so that the atomics land on accumulators that stay in L2 (docs/dsa.md, roofline).
 Index rows are "valid-first" when `causal_offset` is given: slots past min(K, t + causal_offset + 1) are skipped.
 """
 
@@ -18,8 +20,9 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # launch settings (block of gathered keys, warps, pipeline depth); chosen from the sweep in bench/bench_dsa.py
 # under the constraint of no register spills (checked with cuobjdump -res-usage on sm_90 builds)
-FWD_CONFIG = {"block_k": 64, "num_warps": 4, "num_stages": 2}
-BWD_CONFIG = {"block_k": 32, "num_warps": 4, "num_stages": 1}
+FWD_CONFIG = {"block_k": 128, "num_warps": 4, "num_stages": 2}
+# key_range: keys per backward pass (0 = one pass over all keys); see sparse_attention_bwd
+BWD_CONFIG = {"block_k": 32, "num_warps": 4, "num_stages": 2, "key_range": 16384}
 
 
 @triton.jit
@@ -78,51 +81,63 @@ def _sparse_fwd_kernel(Q, K, V, IDX, Out, LSE, qk_scale,
 
 
 @triton.jit
-def _sparse_bwd_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, DK, DV, qk_scale, sm_scale,
+def _sparse_bwd_kernel(Q, K, V, IDX, SEG, DO, LSE, DELTA, DQ, DK, DV, qk_scale, sm_scale,
                        sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
                        si_b, si_l, sdo_b, sdo_l, sdo_h, sl_b, sl_l,
-                       sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h,
-                       KK, causal_offset,
+                       sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h, sg_b, sg_l,
+                       t0, p,
                        G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-                       IEEE: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
+                       IEEE: tl.constexpr, ACC_DQ: tl.constexpr):
+    """Slots SEG[t, p] .. SEG[t, p + 1] of query t's index row (those whose key lies in key range p):
+    dQ of the query (stored, or added to an fp32 buffer when ACC_DQ), dK/dV rows by fp32 atomics."""
+    t = (t0 + tl.program_id(0)).to(tl.int64)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    seg = SEG + b * sg_b + t * sg_l + p
+    lo = tl.load(seg)
+    hi = tl.load(seg + 1)
     offs_h = tl.arange(0, BH)
     offs_d = tl.arange(0, D)
     hmask = offs_h < G
     heads = g * G + offs_h
-    q = tl.load(Q + b * sq_b + t * sq_l + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None], other=0.0)
-    do = tl.load(DO + b * sdo_b + t * sdo_l + heads[:, None] * sdo_h + offs_d[None, :], mask=hmask[:, None],
-                 other=0.0)
-    lse = tl.load(LSE + b * sl_b + t * sl_l + heads, mask=hmask, other=float("inf"))
-    delta = tl.load(DELTA + b * sl_b + t * sl_l + heads, mask=hmask, other=0.0)
     dq = tl.zeros((BH, D), tl.float32)
-    n = tl.where(causal_offset >= 0, tl.minimum(KK, tl.program_id(0) + causal_offset + 1), KK)
-    idx_row = IDX + b * si_b + t * si_l
-    kbase = K + b * sk_b + g * sk_h
-    vbase = V + b * sv_b + g * sv_h
-    dkbase = DK + b * sdk_b + g * sdk_h
-    dvbase = DV + b * sdk_b + g * sdk_h
-    for start in range(0, n, BK):
-        offs_k = start + tl.arange(0, BK)
-        ids = tl.load(idx_row + offs_k, mask=offs_k < n, other=-1)
-        valid = ids >= 0
-        ids64 = tl.where(valid, ids, 0).to(tl.int64)
-        kt = tl.load(kbase + ids64[:, None] * sk_l + offs_d[None, :], mask=valid[:, None], other=0.0)
-        vt = tl.load(vbase + ids64[:, None] * sv_l + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(valid[None, :] & hmask[:, None], p, 0.0)
-        dp = _dot(do, tl.trans(vt), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), kt, IEEE)
-        dk_c = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
-        dv_c = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-        tl.atomic_add(dkbase + ids64[:, None] * sdk_l + offs_d[None, :], dk_c, mask=valid[:, None], sem="relaxed")
-        tl.atomic_add(dvbase + ids64[:, None] * sdk_l + offs_d[None, :], dv_c, mask=valid[:, None], sem="relaxed")
-    tl.store(DQ + b * sdq_b + t * sdq_l + heads[:, None] * sdq_h + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=hmask[:, None])
+    if hi > lo:
+        q = tl.load(Q + b * sq_b + t * sq_l + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None],
+                    other=0.0)
+        do = tl.load(DO + b * sdo_b + t * sdo_l + heads[:, None] * sdo_h + offs_d[None, :], mask=hmask[:, None],
+                     other=0.0)
+        lse = tl.load(LSE + b * sl_b + t * sl_l + heads, mask=hmask, other=float("inf"))
+        delta = tl.load(DELTA + b * sl_b + t * sl_l + heads, mask=hmask, other=0.0)
+        idx_row = IDX + b * si_b + t * si_l
+        kbase = K + b * sk_b + g * sk_h
+        vbase = V + b * sv_b + g * sv_h
+        dkbase = DK + b * sdk_b + g * sdk_h
+        dvbase = DV + b * sdk_b + g * sdk_h
+        for start in range(lo, hi, BK):
+            offs_k = start + tl.arange(0, BK)
+            ids = tl.load(idx_row + offs_k, mask=offs_k < hi, other=-1)
+            valid = ids >= 0
+            ids64 = tl.where(valid, ids, 0).to(tl.int64)
+            kt = tl.load(kbase + ids64[:, None] * sk_l + offs_d[None, :], mask=valid[:, None], other=0.0)
+            vt = tl.load(vbase + ids64[:, None] * sv_l + offs_d[None, :], mask=valid[:, None], other=0.0)
+            s = _dot(q, tl.trans(kt), IEEE) * qk_scale
+            pr = tl.math.exp2(s - lse[:, None])
+            pr = tl.where(valid[None, :] & hmask[:, None], pr, 0.0)
+            dp = _dot(do, tl.trans(vt), IEEE)
+            ds = pr * (dp - delta[:, None])
+            dq += _dot(ds.to(kt.dtype), kt, IEEE)
+            dk_c = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * sm_scale
+            dv_c = _dot(tl.trans(pr.to(do.dtype)), do, IEEE)
+            tl.atomic_add(dkbase + ids64[:, None] * sdk_l + offs_d[None, :], dk_c, mask=valid[:, None],
+                          sem="relaxed")
+            tl.atomic_add(dvbase + ids64[:, None] * sdk_l + offs_d[None, :], dv_c, mask=valid[:, None],
+                          sem="relaxed")
+    dq_ptr = DQ + b * sdq_b + t * sdq_l + heads[:, None] * sdq_h + offs_d[None, :]
+    if ACC_DQ:
+        if hi > lo:
+            tl.store(dq_ptr, tl.load(dq_ptr, mask=hmask[:, None], other=0.0) + dq * sm_scale, mask=hmask[:, None])
+    else:
+        tl.store(dq_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=hmask[:, None])
 
 
 def _block_h(g: int) -> int:
@@ -150,29 +165,62 @@ def sparse_attention_fwd(q, k, v, idx, scale: float, causal_offset: int = -1, co
     return out, lse
 
 
+def key_range_segments(idx: torch.Tensor, lk: int, key_range: int, causal_offset: int = -1):
+    """Split every index row by key range for the backward's passes.
+
+    idx [B, Lq, K] int32 -> (rows [B, Lq, K] int32, seg [B, Lq, P + 1] int32, P): pass p handles slots
+    seg[..., p] .. seg[..., p + 1] of `rows`, whose keys all lie in [p * key_range, (p + 1) * key_range).
+    With one pass (key_range <= 0 or >= lk) the rows are `idx` itself and its slots [0, n) (n as in the forward);
+    otherwise rows are sorted ascending with empty slots (-1) moved past the last segment."""
+    b, lq, kk = idx.shape
+    n_pass = 1 if key_range <= 0 else max(1, -(-lk // key_range))
+    if n_pass == 1:
+        seg = torch.zeros(b, lq, 2, dtype=torch.int32, device=idx.device)
+        if causal_offset >= 0:
+            seg[..., 1] = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
+        else:
+            seg[..., 1] = kk
+        return idx, seg, 1
+    rows = torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max).sort(dim=-1).values
+    bounds = (torch.arange(n_pass + 1, device=idx.device, dtype=torch.int32) * key_range).clamp(max=lk)
+    seg = torch.searchsorted(rows, bounds.expand(b, lq, n_pass + 1).contiguous(), out_int32=True)
+    return rows, seg, n_pass
+
+
 def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offset: int = -1,
                          config: dict | None = None):
-    """Gradients of `sparse_attention_fwd`: -> dq [B, Lq, Hq, D], dk/dv [B, Lk, Hkv, D] (input dtypes)."""
+    """Gradients of `sparse_attention_fwd`: -> dq [B, Lq, Hq, D], dk/dv [B, Lk, Hkv, D] (input dtypes).
+
+    dK/dV are summed with fp32 atomics. Their fp32 accumulators (1 KB per key and KV head) are far larger than L2 at
+    long context, so a single pass sends every atomic to DRAM; the work is therefore split into passes over key
+    ranges of `key_range` keys (config), each of which only touches accumulators that stay in L2. dQ is then
+    summed over the passes in an fp32 buffer (one owner per row and pass: no atomics)."""
     cfg = {**BWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Lq, Hq]
-    dq = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
+    rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset)
+    acc_dq = n_pass > 1
+    dq = torch.zeros(b, lq, hq, d, dtype=torch.float32, device=q.device) if acc_dq else \
+        torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
     dk = torch.zeros(b, lk, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    grid = (lq, hkv, b)
-    _sparse_bwd_kernel[grid](q, k, v, idx, dout, lse, delta, dq, dk, dv, scale * LOG2E, scale,
-                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                             v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
-                             dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
-                             dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-                             idx.shape[-1], causal_offset,
-                             G=g, BH=_block_h(g), D=d, BK=cfg["block_k"], IEEE=q.dtype == torch.float32,
-                             num_warps=cfg["num_warps"],
-                             num_stages=cfg["num_stages"])
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    for p in range(n_pass):
+        t0 = 0 if (causal_offset < 0 or n_pass == 1) else max(0, p * cfg["key_range"] - causal_offset)
+        if t0 >= lq:
+            break
+        _sparse_bwd_kernel[(lq - t0, hkv, b)](
+            q, k, v, rows, seg, dout, lse, delta, dq, dk, dv, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), rows.stride(0), rows.stride(1),
+            dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
+            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            seg.stride(0), seg.stride(1), t0, p,
+            G=g, BH=_block_h(g), D=d, BK=cfg["block_k"], IEEE=q.dtype == torch.float32, ACC_DQ=acc_dq,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _SparseAttention(torch.autograd.Function):
