@@ -12,9 +12,15 @@ import mopd  # noqa: F401  (registers the mopd advantage estimator)
 
 def _train(args: argparse.Namespace) -> int:
     from rl.config import load_config
+    from rl.config_check import check_config
     from rl.trainer import Trainer
 
     cfg, resolved = load_config(args.config, args.overrides)
+    problems, _ = check_config(cfg, require_files=True)
+    if problems:  # what `check` would report stops the run before any model, actor or data is loaded
+        for p in problems:
+            print(f"error: {args.config}: {p}", file=sys.stderr)
+        return 1
     trainer = Trainer(cfg, resolved)
     try:
         trainer.fit()

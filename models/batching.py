@@ -104,25 +104,28 @@ def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 class _TokenLogprob(torch.autograd.Function):
-    """log softmax(logits / T)[token] without materialising the log-softmax; the backward writes
-    (onehot - softmax) / T * grad straight into one `[N, V]` gradient."""
+    """log softmax(logits / T) at k tokens per position (`tokens [..., k]`) without materialising the
+    log-softmax; the backward writes (onehot - softmax) / T * grad, summed over the k tokens, straight into one
+    `[N, V]` gradient."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
         lse = logsumexp(logits, temperature)
-        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+        picked = torch.gather(logits, -1, tokens).float()
         if temperature != 1.0:
             picked = picked / temperature
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return picked - lse
+        return picked - lse.unsqueeze(-1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
         flat = logits.reshape(-1, logits.shape[-1])
-        g = grad.reshape(-1, 1).float()
+        k = tokens.shape[-1]
+        g_tokens = grad.reshape(-1, k).float()
+        g = g_tokens.sum(-1, keepdim=True)
         lse_flat = lse.reshape(-1, 1)
         out = torch.empty_like(flat)
         buf = None if temperature == 1.0 and out.dtype == torch.float32 else torch.empty(
@@ -137,25 +140,30 @@ class _TokenLogprob(torch.autograd.Function):
             torch.div(rows, temperature, out=b)
             b.sub_(lse_flat[start:stop]).exp_().mul_(-g[start:stop])  # -softmax * grad
             out[start:stop] = b
-        out.scatter_add_(-1, tokens.reshape(-1, 1), g.to(out.dtype))
+        out.scatter_add_(-1, tokens.reshape(-1, k), g_tokens.to(out.dtype))
         if temperature != 1.0:
             out.div_(temperature)
         return out.view(logits.shape), None, None
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) gathered at `tokens`: `[B, T, V]`, `[B, T]` -> `[B, T]` float32.
+    """log softmax(logits / temperature) gathered at `tokens`: `[B, T, V]`, `[B, T]` -> `[B, T]` float32, or
+    `[B, T, k]` -> `[B, T, k]` for k tokens per position (a teacher's top-k support).
 
     Computed as logit[token] / T - logsumexp(logits / T) in row chunks (differentiable w.r.t. `logits`), so no
     full-vocabulary log-softmax is allocated forward or backward.
     """
     tokens = tokens.long()
+    several = tokens.dim() == logits.dim()
+    index = tokens if several else tokens.unsqueeze(-1)
     if logits.requires_grad and torch.is_grad_enabled():
-        return _TokenLogprob.apply(logits, tokens, float(temperature))
-    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
-    if temperature != 1.0:
-        picked = picked / temperature
-    return picked - logsumexp(logits, temperature)
+        out = _TokenLogprob.apply(logits, index, float(temperature))
+    else:
+        picked = torch.gather(logits, -1, index).float()
+        if temperature != 1.0:
+            picked = picked / temperature
+        out = picked - logsumexp(logits, temperature).unsqueeze(-1)
+    return out if several else out.squeeze(-1)
 
 
 def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

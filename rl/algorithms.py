@@ -12,6 +12,12 @@ Shapes: logp, old_logp, advantages, mask, weights `[B, T]` over response tokens 
 rewards, group_ids `[B]`. `cfg` is a mapping or an object with attributes (`clip_low`, `clip_high`, ...);
 missing optional keys take the defaults documented on each function. `weights` are per-token importance
 weights against the sampler (truncated IS), detached; None means 1.
+
+Losses that need the whole distribution rather than the sampled token's log-prob (a teacher's top-k KL) are
+*logit losses*, added to the policy loss with a weight (`algorithm.logit_losses: {name: weight}`):
+
+    @register_logit_loss("my_term")
+    def my_term(logits, rollouts, mask, cfg) -> (loss, metrics): ...   # logits [B, T, V]
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ AdvantageEstimator = Callable[..., torch.Tensor]
 
 _POLICY_LOSSES: dict[str, PolicyLoss] = {}
 _ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-# Estimators that live in other packages register themselves on import; named here so lookups find them.
-_PLUGIN_MODULES = {"mopd": "mopd.estimator"}
+_LOGIT_LOSSES: dict[str, PolicyLoss] = {}
+# Algorithms that live in other packages register themselves on import; named here so lookups find them.
+_PLUGIN_MODULES = {"mopd": "mopd.estimator", "teacher_kl": "mopd.dense", "teacher_fkl": "mopd.dense"}
 
 
 def register_policy_loss(name: str, uses_old_logprobs: bool = True) -> Callable[[PolicyLoss], PolicyLoss]:
@@ -55,6 +62,17 @@ def register_advantage_estimator(
     return wrap
 
 
+def register_logit_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+    """`fn(logits [B, T, V], rollouts, mask [B, T], cfg) -> (scalar loss, metrics)`, a token mean over `mask`;
+    differentiable w.r.t. `logits` (the update forward's response logits)."""
+
+    def wrap(fn: PolicyLoss) -> PolicyLoss:
+        _LOGIT_LOSSES[name] = fn
+        return fn
+
+    return wrap
+
+
 def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
     if name not in table and name in _PLUGIN_MODULES:
         importlib.import_module(_PLUGIN_MODULES[name])
@@ -71,6 +89,17 @@ def get_policy_loss(name: str) -> PolicyLoss:
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """`fn(rewards, group_ids, mask, cfg, rollouts=None) -> advantages [B, T]`."""
     return _lookup(_ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+
+
+def get_logit_loss(name: str) -> PolicyLoss:
+    """`fn(logits, rollouts, mask, cfg) -> (loss, metrics)`."""
+    return _lookup(_LOGIT_LOSSES, name, "logit loss")
+
+
+def logit_loss_names() -> list[str]:
+    for module in _PLUGIN_MODULES.values():
+        importlib.import_module(module)
+    return sorted(_LOGIT_LOSSES)
 
 
 def policy_loss_names() -> list[str]:

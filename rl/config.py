@@ -167,6 +167,11 @@ class AlgorithmConfig:
         "MOPD: 'group' subtracts the leave-one-out mean advantage of the prompt's other responses per position.",
         default="none",
     )
+    logit_losses: dict[str, float] = _help(
+        "Registered logit losses added to the policy loss with a weight, e.g. {teacher_kl: 1.0}: MOPD's reverse KL "
+        "over each routed teacher's top-k tokens plus a tail bucket (needs teachers[].topk > 0).",
+        default_factory=dict,
+    )
     mismatch: Literal["none", "tis", "mask"] = _help(
         "Sampler/trainer log-prob mismatch: 'tis' weights tokens by min(pi_old/pi_sampler, mismatch_cap); "
         "'mask' drops tokens whose ratio leaves [mismatch_low, mismatch_high] (MiMo-V2-Flash).",

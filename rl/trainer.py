@@ -28,7 +28,7 @@ from models.batching import pack, response_logits, token_entropy, token_logprobs
 from models.chat import ChatRenderer
 from models.factory import quiet_libraries, vision_layout
 from rewards.scorer import RewardScorer
-from rl.algorithms import aggregate_token_loss, get_advantage_estimator, get_policy_loss, masked_mean
+from rl.algorithms import aggregate_token_loss, get_advantage_estimator, get_logit_loss, get_policy_loss, masked_mean
 from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rl.config import JobConfig
 from rl.data import PromptStream, load_tasks
@@ -71,6 +71,7 @@ class Trainer:
         self._check_reward_routes()
         self.estimator = get_advantage_estimator(cfg.algorithm.advantage)
         self.policy_loss = get_policy_loss(cfg.algorithm.policy_loss)
+        self.logit_losses = {name: (get_logit_loss(name), float(w)) for name, w in cfg.algorithm.logit_losses.items()}
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
@@ -264,13 +265,16 @@ class Trainer:
         t_reward = time.perf_counter()
         self._score_teachers(rollouts)
         t_teacher = time.perf_counter()
+        fused = None
         if self._needs_old_logprobs():
-            self._old_logprobs(rollouts)
+            fused = self._fused_forward(rollouts)
+            if fused is None:
+                self._old_logprobs(rollouts)
         self._build_loss_mask(rollouts)
         rollouts.advantages = self.estimator(
             rollouts.rewards, rollouts.group_ids, rollouts.loss_mask, alg, rollouts=rollouts
         )
-        update_metrics = self._update(rollouts)
+        update_metrics = self._update(rollouts, fused)
         t_update = time.perf_counter()
         self.rollout_pool.broadcast("load_weights", student_state_dict(self.model), what="syncing weights")
         t_sync = time.perf_counter()
@@ -371,6 +375,26 @@ class Trainer:
         if ref:
             rollouts.ref_logprobs = torch.cat(ref) * rollouts.response_mask
 
+    def _fused_forward(self, rollouts: Rollouts):
+        """pi_old from the update's own forward pass, when that pass sees the same weights and the whole batch:
+        one optimizer update (pi_old = pi_theta before it) over one micro-batch. Saves a full forward per step.
+        Returns the update forward's outputs (kept for `_update`), or None when the separate pass is needed."""
+        if self.cfg.algorithm.updates_per_step != 1 or len(rollouts) > self.cfg.trainer.micro_batch_size:
+            return None
+        self.model.train()
+        batch = self._pack(rollouts, list(range(len(rollouts))))
+        logits, indexer_loss, indexer_metrics = self._forward_for_update(batch)
+        logp = token_logprobs(logits, rollouts.response_ids)
+        rollouts.old_logprobs = logp.detach() * rollouts.response_mask
+        topk = self.cfg.algorithm.mopd_topk
+        if topk:
+            rollouts.student_topk_ids = logits.detach().topk(topk, dim=-1).indices
+        if self.reference is not None:
+            with torch.no_grad():
+                rollouts.ref_logprobs = token_logprobs(response_logits(self.reference, batch), rollouts.response_ids)
+            rollouts.ref_logprobs = rollouts.ref_logprobs * rollouts.response_mask
+        return logits, logp, indexer_loss, indexer_metrics
+
     def _build_loss_mask(self, rollouts: Rollouts) -> None:
         """Which tokens count, and their importance weights against the sampler."""
         alg = self.cfg.algorithm
@@ -403,12 +427,16 @@ class Trainer:
             rollouts.metrics["mismatch/max_abs_logprob_diff"] = float((diff * rm).max())
         rollouts.loss_mask = mask
 
-    def _update(self, rollouts: Rollouts) -> dict[str, float]:
-        """`updates_per_step` optimizer steps over disjoint mini-batches, each accumulated over micro-batches."""
+    def _update(self, rollouts: Rollouts, fused=None) -> dict[str, float]:
+        """`updates_per_step` optimizer steps over disjoint mini-batches, each accumulated over micro-batches.
+        `fused`: the whole batch's update forward, already run by `_fused_forward` (one update, one micro-batch)."""
         alg = self.cfg.algorithm
         self.model.train()
-        order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self.cfg.run.seed + self.step))
-        minis = order.chunk(alg.updates_per_step)
+        if fused is not None:  # one mini-batch, one micro-batch, in the order the forward saw
+            minis = (torch.arange(len(rollouts)),)
+        else:
+            order = torch.randperm(len(rollouts), generator=torch.Generator().manual_seed(self.cfg.run.seed + self.step))
+            minis = order.chunk(alg.updates_per_step)
         totals: dict[str, float] = {}
         count = 0
         for mini in minis:
@@ -417,15 +445,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             for idx in self._micro_batches(len(mini_roll)):
                 micro = mini_roll.select(idx)
-                batch = self._pack(micro, list(range(len(micro))))
-                logits, indexer_loss, indexer_metrics = self._forward_for_update(batch)
-                logp = token_logprobs(logits, micro.response_ids)
+                if fused is not None:
+                    logits, logp, indexer_loss, indexer_metrics = fused
+                else:
+                    batch = self._pack(micro, list(range(len(micro))))
+                    logits, indexer_loss, indexer_metrics = self._forward_for_update(batch)
+                    logp = token_logprobs(logits, micro.response_ids)
                 loss, metrics = self.policy_loss(
                     logp, micro.old_logprobs, micro.advantages, micro.loss_mask, alg, weights=micro.token_weights
                 )
                 share = _units(micro.loss_mask, alg.loss_agg, alg.policy_loss) / max(units_total, 1e-9)
                 entropy = _entropy(logits, micro.response_mask, differentiable=bool(alg.entropy_coef))
                 total = loss
+                for fn, weight in self.logit_losses.values():
+                    extra, extra_metrics = fn(logits, micro, micro.response_mask, alg)
+                    total = total + weight * extra
+                    metrics.update(extra_metrics)
                 if alg.entropy_coef:
                     total = total - alg.entropy_coef * entropy
                 if indexer_loss is not None:

@@ -44,13 +44,32 @@ def test_stored_suite_round_trips(tmp_path):
             assert np.array_equal(v.frames, o.frames) and v.timestamps == o.timestamps and v.captions == o.captions
 
 
-def test_retrieval_records_length_and_depth():
+def test_retrieval_needle_length_and_depth():
     for s in generate("retrieval", "train", 20, seed=1):
         lines = [line for line in s.messages[0]["content"].splitlines() if line.startswith("- ")]
         assert len(lines) == s.metadata["length"]
-        position = next(i for i, line in enumerate(lines) if line.endswith(f" for {s.reference['key']}"))
-        assert lines[position] == f"- {s.reference['value']} for {s.reference['key']}"
+        position = next(i for i, line in enumerate(lines) if line.startswith(f"- {s.reference['key']}:"))
+        assert lines[position] == f"- {s.reference['key']}: {s.reference['value']}"
+        assert sum(":" in line for line in lines) == 1  # the only record: the rest is filler
         assert s.metadata["depth"] == pytest.approx(position / max(len(lines) - 1, 1), abs=0.01)
+
+
+def test_retrieval_distractors_are_other_keys_records():
+    for s in generate("retrieval", "train", 20, seed=1, retrieval_lengths=(6,), distractors=2):
+        records = [line for line in s.messages[0]["content"].splitlines() if ": " in line and line.startswith("- ")]
+        keys = [r[2:].split(":")[0] for r in records]
+        assert len(records) == 3 and keys.count(s.reference["key"]) == 1
+        assert s.metadata["task"] == "multikey_niah" and s.metadata["length"] == 6
+
+
+def test_where_keeps_a_sub_distribution(tmp_path):
+    kept = EmbeddedTasks(data_dir=str(tmp_path), split="eval", domains=["retrieval", "reasoning"], n_train=4,
+                         n_eval=40, where={"length": [2], "task": ["add", "niah"]})
+    assert {(s.domain, s.metadata["task"]) for s in kept} == {("retrieval", "niah"), ("reasoning", "add")}
+    assert all(s.metadata["length"] == 2 for s in kept if s.domain == "retrieval")
+    with pytest.raises(ValueError, match="retrieval/eval: no sample matches"):
+        EmbeddedTasks(data_dir=str(tmp_path), split="eval", domains=["retrieval"], n_train=4, n_eval=40,
+                      where={"length": [99]})
 
 
 def test_keys_and_values_tokenise_the_same_in_question_records_and_answer(tmp_path):
@@ -58,12 +77,12 @@ def test_keys_and_values_tokenise_the_same_in_question_records_and_answer(tmp_pa
     for s in generate("retrieval", "train", 10, seed=2):
         question, *records = s.messages[0]["content"].splitlines()
         answer = tok.tokenize(s.target)
-        assert len(answer) == 1  # one value token, copied from the records
-        record = next(r for r in records if r.endswith(f" for {s.reference['key']}"))
+        assert len(answer) == 1  # one value token, copied from the needle
+        record = next(r for r in records if r.startswith(f"- {s.reference['key']}:"))
         key_token = tok.tokenize(" " + s.reference["key"])
         assert len(key_token) == 1
         assert key_token[0] in tok.tokenize(question) and key_token[0] in tok.tokenize(record)
-        assert answer[0] == tok.tokenize(record)[1]  # "-", " value", " for", " key"
+        assert answer[0] == tok.tokenize(record)[-1]  # "-", " key", ":", " value"
 
 
 def test_demonstrations_score_one_and_bad_answers_zero():

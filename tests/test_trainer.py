@@ -137,3 +137,30 @@ def test_dsa_indexer_stages_train_what_they_should(workspace, stage):
         assert changed <= indexer
     else:
         assert changed - indexer
+
+
+def test_one_micro_batch_reuses_the_update_forward_for_pi_old(workspace):
+    """With one update over one micro-batch, pi_old comes from the update's own forward (no separate pass);
+    the run must equal the same run with micro-batches (separate pi_old pass), dense teacher KL term included."""
+    dense = {"algorithm": {"advantage": "mopd", "policy_loss": "gspo_token", "logit_losses": {"teacher_kl": 0.5}},
+             "teachers": [
+                 {"name": "vl", "path": str(workspace / "teacher_vl"), "domains": ["video"], "num_workers": 0, "topk": 4},
+                 {"name": "text", "path": str(workspace / "teacher_text"), "domains": ["retrieval", "tool", "reasoning"],
+                  "view": "text", "num_workers": 0, "topk": 4}]}
+    calls = []
+    split = run(job(workspace, "split_pi_old", dense, ["trainer.steps=2", "trainer.micro_batch_size=3"]))
+    fused_job = job(workspace, "fused_pi_old", dense, ["trainer.steps=2", "trainer.micro_batch_size=64"])
+    from rl.trainer import Trainer
+
+    original = Trainer._old_logprobs
+    Trainer._old_logprobs = lambda self, r: calls.append(1) or original(self, r)
+    try:
+        fused = run(fused_job)
+    finally:
+        Trainer._old_logprobs = original
+    assert calls == [], "the separate pi_old pass ran although the update forward could serve it"
+    records = lambda r: [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(records(split), records(fused)):
+        assert b["actor/loss"] == pytest.approx(a["actor/loss"], rel=1e-4, abs=1e-5)
+        assert b["mopd/teacher_kl"] == pytest.approx(a["mopd/teacher_kl"], rel=1e-4)
+        assert b["mopd/teacher_kl"] > 0
