@@ -12,6 +12,8 @@ KL(pi || p_teacher) token by token. Options (cfg keys, read with `rl.algorithms.
 - `mopd_baseline` ("none" | "group"): subtract the leave-one-out mean advantage of the prompt's other responses
   at the same position (variance reduction; the expected gradient is unchanged where the prefix is shared).
 - `outcome_weight` (0 = off): add `w * group-normalised outcome reward advantage` (MiMo-V2-Flash's MOPD).
+- `mopd_token_weight` (default 1): scale of the sampled-token reverse-KL advantage; 0 leaves the distillation
+  signal to a dense logit loss (`mopd.dense`), which on tiny models from a weak start learned faster without it.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.T
         base = rollouts.loss_mask if rollouts.loss_mask is not None else mask
         rollouts.loss_mask = base * keep
         rollouts.metrics["mopd/topk_kept_frac"] = float((keep * mask).sum() / mask.sum().clamp(min=1))
+    advantages = advantages * float(cfg_get(cfg, "mopd_token_weight", 1.0))
     outcome_weight = float(cfg_get(cfg, "outcome_weight", 0.0))
     if outcome_weight:
         advantages = advantages + outcome_weight * group_normalized_advantage(rewards, group_ids, mask, cfg)

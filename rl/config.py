@@ -161,6 +161,9 @@ class AlgorithmConfig:
     )
     norm_std: bool = _help("Divide group-centred rewards by the group std.", default=True)
     outcome_weight: float = _help("MOPD: weight of the added group-normalised outcome advantage (0 = off).", default=0.0)
+    mopd_token_weight: float = _help(
+        "MOPD: weight of the sampled-token reverse-KL advantage (0 = only the dense logit losses teach).", default=1.0
+    )
     mopd_topk: int = _help("MOPD: keep only tokens inside both teacher and student top-k (0 = off).", default=0)
     mopd_adv_clip: float = _help("MOPD: clip per-token advantages to [-c, c] (0 = off).", default=0.0)
     mopd_baseline: Literal["none", "group"] = _help(

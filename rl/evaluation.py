@@ -16,6 +16,15 @@ from tasks.base import Sample
 from teachers.views import view_messages
 
 BREAKDOWN_KEYS = ("task", "length", "depth")
+# Needle depth is continuous (position / (lines - 1)): reported in quarter bins, RULER-style, not per value.
+DEPTH_BINS = 4
+
+
+def breakdown_label(key: str, value: Any) -> str:
+    """The breakdown row a sample's metadata value falls in (`depth` binned to 0, 0.25, ..., 1)."""
+    if key == "depth":
+        return f"{round(float(value) * DEPTH_BINS) / DEPTH_BINS:.2f}"
+    return str(value)
 
 
 @torch.no_grad()
@@ -57,9 +66,9 @@ def score_completions(samples: list[Sample], completions: list[str], scorer, rou
             groups: dict[str, list[float]] = defaultdict(list)
             for i in idx:
                 if key in samples[i].metadata:
-                    groups[str(samples[i].metadata[key])].append(float(result.rewards[i]))
+                    groups[breakdown_label(key, samples[i].metadata[key])].append(float(result.rewards[i]))
             if len(groups) > 1:
-                breakdown[key] = {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+                breakdown[key] = {k: sum(v) / len(v) for k, v in sorted(groups.items(), key=lambda kv: _sort_key(kv[0]))}
         if breakdown:
             entry["breakdown"] = breakdown
         ious = [float(result.rewards[i]) for i in idx if (samples[i].reward or routes.get(domain)) == "temporal_iou"]
@@ -69,6 +78,13 @@ def score_completions(samples: list[Sample], completions: list[str], scorer, rou
             entry["grounding"] = {**grounding_metrics(ious), "n": len(ious)}
         report[domain] = entry
     return report
+
+
+def _sort_key(label: str) -> tuple:
+    try:
+        return (0, float(label), "")
+    except ValueError:
+        return (1, 0.0, label)
 
 
 def evaluate_model(model, renderer, samples, scorer, routes, settings, batch_size, view="native") -> dict[str, Any]:

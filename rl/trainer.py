@@ -359,21 +359,24 @@ class Trainer:
     def _old_logprobs(self, rollouts: Rollouts) -> None:
         """pi_old (and the student's top-k when MOPD asks for it, and the reference model's log-probs)."""
         topk = self.cfg.algorithm.mopd_topk
-        old, topk_ids, ref = [], [], []
-        for idx in self._micro_batches(len(rollouts)):
+        b, t_len = rollouts.response_ids.shape
+        old = torch.zeros(b, t_len)
+        ref = torch.zeros(b, t_len) if self.reference is not None else None
+        topk_ids = torch.zeros(b, t_len, topk, dtype=torch.long) if topk else None
+        for idx in self._micro_batches(rollouts):  # length-grouped: results go back to their rows
             batch = self._pack(rollouts, idx)
             logits = response_logits(self.model, batch)
             tokens = rollouts.response_ids[idx]
-            old.append(token_logprobs(logits, tokens))
+            old[idx] = token_logprobs(logits, tokens)
             if topk:
-                topk_ids.append(logits.topk(topk, dim=-1).indices)
-            if self.reference is not None:
-                ref.append(token_logprobs(response_logits(self.reference, batch), tokens))
-        rollouts.old_logprobs = torch.cat(old) * rollouts.response_mask
+                topk_ids[idx] = logits.topk(topk, dim=-1).indices
+            if ref is not None:
+                ref[idx] = token_logprobs(response_logits(self.reference, batch), tokens)
+        rollouts.old_logprobs = old * rollouts.response_mask
         if topk:
-            rollouts.student_topk_ids = torch.cat(topk_ids)
-        if ref:
-            rollouts.ref_logprobs = torch.cat(ref) * rollouts.response_mask
+            rollouts.student_topk_ids = topk_ids
+        if ref is not None:
+            rollouts.ref_logprobs = ref * rollouts.response_mask
 
     def _fused_forward(self, rollouts: Rollouts):
         """pi_old from the update's own forward pass, when that pass sees the same weights and the whole batch:
@@ -443,7 +446,8 @@ class Trainer:
             mini_roll = rollouts.select(mini)
             units_total = _units(mini_roll.loss_mask, alg.loss_agg, alg.policy_loss)
             self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._micro_batches(len(mini_roll)):
+            groups = [list(range(len(mini_roll)))] if fused is not None else self._micro_batches(mini_roll)
+            for idx in groups:
                 micro = mini_roll.select(idx)
                 if fused is not None:
                     logits, logp, indexer_loss, indexer_metrics = fused
@@ -498,9 +502,14 @@ class Trainer:
         )
         return out.logits[:, :-1, :], loss, {f"dsa/{k}": v for k, v in metrics.items()}
 
-    def _micro_batches(self, n: int) -> list[list[int]]:
+    def _micro_batches(self, rollouts: Rollouts) -> list[list[int]]:
+        """Index lists of at most `micro_batch_size` sequences, grouped by length (prompt + response): a
+        micro-batch is padded to its own longest prompt, so mixing 25-token and 95-token prompts in one would
+        spend most of the forward on padding."""
         size = max(1, self.cfg.trainer.micro_batch_size)
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        lengths = [len(p.input_ids) + int(m.sum()) for p, m in zip(rollouts.prompts, rollouts.response_mask)]
+        order = sorted(range(len(rollouts)), key=lambda i: lengths[i])
+        return [order[i : i + size] for i in range(0, len(order), size)]
 
     def _pack(self, rollouts: Rollouts, idx: list[int]):
         responses = _unpadded_responses(rollouts, idx)

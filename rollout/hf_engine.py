@@ -31,11 +31,17 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def generate(self, prompts: list[RenderedPrompt], settings: SamplingSettings, targets=None) -> Generations:
-        out = Generations([], [], [])
-        generator_seed = settings.seed
-        for start in range(0, len(prompts), self.batch_size):
-            torch.manual_seed(generator_seed + start)
-            out.extend(self._generate_batch(prompts[start : start + self.batch_size], settings))
+        """Batches of similar prompt length (a batch pads to its longest prompt and decodes until its longest
+        answer ends, so a mixed-domain batch would carry the long ones' cost for all); results in input order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].input_ids))
+        done = Generations([], [], [])
+        for start in range(0, len(order), self.batch_size):
+            torch.manual_seed(settings.seed + start)
+            done.extend(self._generate_batch([prompts[i] for i in order[start : start + self.batch_size]], settings))
+        out = Generations([None] * len(prompts), [None] * len(prompts), [False] * len(prompts))
+        for slot, i in enumerate(order):
+            out.response_ids[i], out.logprobs[i], out.truncated[i] = (
+                done.response_ids[slot], done.logprobs[slot], done.truncated[slot])
         return out
 
     def _generate_batch(self, prompts: list[RenderedPrompt], settings: SamplingSettings) -> Generations:

@@ -26,7 +26,7 @@ from tasks.base import Sample, TaskSource, VideoPart, register_task_source
 
 DOMAINS = ("video", "retrieval", "tool", "reasoning")
 # Bump when a generator changes: stored datasets are keyed by it, so no run reads data of an older generator.
-SUITE_VERSION = 12
+SUITE_VERSION = 13
 
 COLOURS = {
     "red": (230, 40, 40),
@@ -116,7 +116,7 @@ def make_video_sample(rng: random.Random, idx: int, split: str) -> Sample:
         messages=[{"role": "user", "content": [{"type": "text", "text": question + "\n"}, {"type": "video", "video": video}]}],
         reference=[float(start), float(end)],
         target=f"[{start}, {end}]",
-        metadata={"task": "temporal_grounding", "duration": float(duration), "colour": target_colour},
+        metadata={"task": "temporal_grounding", "duration": float(duration), "colour": target_colour, "start": start},
     )
 
 
