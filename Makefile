@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test install install-vllm lint clean
+.PHONY: demo test install install-vllm test-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ install-vllm:
 	.venv-vllm/bin/pip install -q -e ".[dev,vllm]"
 	.venv-vllm/bin/pip uninstall -y -q torchaudio torchcodec
 	.venv-vllm/bin/python -m rollout.vllm_compat --install-torchvision-hook
+
+# The vLLM tests (engine vs transformers greedy equality, weight sync, vLLM teacher) in the vLLM environment.
+test-vllm:
+	.venv-vllm/bin/python -m pytest -q tests/test_vllm.py
 
 demo: install
 	$(PY) -m cli demo
