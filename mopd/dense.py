@@ -46,14 +46,14 @@ def bucket_forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
     return bucket_reverse_kl(teacher, student)
 
 
-@register_logit_loss("teacher_kl")
+@register_logit_loss("teacher_kl", needs_teacher_topk=True)
 def teacher_topk_kl(logits: torch.Tensor, rollouts, mask: torch.Tensor, cfg=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Token-mean over `mask [B, T]` of the routing-weighted bucket reverse KL to each teacher's top-k
     (`rollouts.teacher_topk_ids / teacher_topk_logprobs [B, T, k]`, `teacher_weights [B]`)."""
     return _teacher_topk_divergence(logits, rollouts, mask, bucket_reverse_kl, "teacher_kl")
 
 
-@register_logit_loss("teacher_fkl")
+@register_logit_loss("teacher_fkl", needs_teacher_topk=True)
 def teacher_topk_forward_kl(logits: torch.Tensor, rollouts, mask: torch.Tensor, cfg=None) -> tuple[torch.Tensor, dict[str, float]]:
     """As `teacher_kl`, in the forward direction KL(teacher || student)."""
     return _teacher_topk_divergence(logits, rollouts, mask, bucket_forward_kl, "teacher_fkl")

@@ -62,11 +62,13 @@ def register_advantage_estimator(
     return wrap
 
 
-def register_logit_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
+def register_logit_loss(name: str, needs_teacher_topk: bool = False) -> Callable[[PolicyLoss], PolicyLoss]:
     """`fn(logits [B, T, V], rollouts, mask [B, T], cfg) -> (scalar loss, metrics)`, a token mean over `mask`;
-    differentiable w.r.t. `logits` (the update forward's response logits)."""
+    differentiable w.r.t. `logits` (the update forward's response logits). `needs_teacher_topk=True` lets `check`
+    refuse a config whose teachers return no top-k log-probs."""
 
     def wrap(fn: PolicyLoss) -> PolicyLoss:
+        fn.needs_teacher_topk = needs_teacher_topk  # type: ignore[attr-defined]
         _LOGIT_LOSSES[name] = fn
         return fn
 

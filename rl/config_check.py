@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rl.algorithms import advantage_estimator_names, logit_loss_names, policy_loss_names
+from rl.algorithms import advantage_estimator_names, get_logit_loss, logit_loss_names, policy_loss_names
 from rl.config import JobConfig
 
 
@@ -20,13 +20,14 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
         problems.append(f"algorithm.policy_loss: {alg.policy_loss!r} is not registered ({', '.join(policy_loss_names())})")
     if alg.mopd_topk and not all(t.topk >= alg.mopd_topk for t in cfg.teachers):
         problems.append(f"algorithm.mopd_topk={alg.mopd_topk} needs every teacher's topk >= {alg.mopd_topk}")
+    known_logit_losses = logit_loss_names()
+    without_topk = [t.name for t in cfg.teachers if t.topk <= 0]
     for name in alg.logit_losses:
-        if name not in logit_loss_names():
-            problems.append(f"algorithm.logit_losses.{name}: not a registered logit loss ({', '.join(logit_loss_names())})")
-    for name in ("teacher_kl", "teacher_fkl"):
-        without = [t.name for t in cfg.teachers if t.topk <= 0]
-        if name in alg.logit_losses and (without or not cfg.teachers):
-            problems.append(f"algorithm.logit_losses.{name} needs teachers with topk > 0 (not: {without or 'no teachers'})")
+        if name not in known_logit_losses:
+            problems.append(f"algorithm.logit_losses.{name}: not a registered logit loss ({', '.join(known_logit_losses)})")
+        elif get_logit_loss(name).needs_teacher_topk and (without_topk or not cfg.teachers):
+            problems.append(f"algorithm.logit_losses.{name} needs teachers with topk > 0 "
+                            f"(not: {without_topk or 'no teachers'})")
 
     from rewards.registry import get_reward
 

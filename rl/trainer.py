@@ -355,23 +355,34 @@ class Trainer:
         return (getattr(self.policy_loss, "uses_old_logprobs", True) or getattr(self.estimator, "uses_old_logprobs", False)
                 or self.reference is not None or (alg.mismatch != "none" and self.cfg.rollout.backend != "reference"))
 
-    @torch.no_grad()
     def _old_logprobs(self, rollouts: Rollouts) -> None:
-        """pi_old (and the student's top-k when MOPD asks for it, and the reference model's log-probs)."""
+        """The separate no-grad pi_old pass, over length-grouped micro-batches."""
+        self._record_pi_old(rollouts)
+
+    def _record_pi_old(self, rollouts: Rollouts, update_forward=None) -> None:
+        """pi_old (and the student's top-k when MOPD asks for it, and the reference model's log-probs): from a
+        no-grad pass over length-grouped micro-batches, or from `update_forward = (batch, logits, logp)`, the
+        update's own forward over the whole batch (`_fused_forward`)."""
         topk = self.cfg.algorithm.mopd_topk
         b, t_len = rollouts.response_ids.shape
         old = torch.zeros(b, t_len)
         ref = torch.zeros(b, t_len) if self.reference is not None else None
         topk_ids = torch.zeros(b, t_len, topk, dtype=torch.long) if topk else None
-        for idx in self._micro_batches(rollouts):  # length-grouped: results go back to their rows
-            batch = self._pack(rollouts, idx)
-            logits = response_logits(self.model, batch)
-            tokens = rollouts.response_ids[idx]
-            old[idx] = token_logprobs(logits, tokens)
+        groups = [list(range(b))] if update_forward is not None else self._micro_batches(rollouts)
+        for idx in groups:  # results go back to their rows
+            if update_forward is not None:
+                batch, logits, logp = update_forward
+            else:
+                batch = self._pack(rollouts, idx)
+                with torch.no_grad():
+                    logits = response_logits(self.model, batch)
+                    logp = token_logprobs(logits, rollouts.response_ids[idx])
+            old[idx] = logp.detach()
             if topk:
-                topk_ids[idx] = logits.topk(topk, dim=-1).indices
+                topk_ids[idx] = logits.detach().topk(topk, dim=-1).indices
             if ref is not None:
-                ref[idx] = token_logprobs(response_logits(self.reference, batch), tokens)
+                with torch.no_grad():
+                    ref[idx] = token_logprobs(response_logits(self.reference, batch), rollouts.response_ids[idx])
         rollouts.old_logprobs = old * rollouts.response_mask
         if topk:
             rollouts.student_topk_ids = topk_ids
@@ -388,14 +399,7 @@ class Trainer:
         batch = self._pack(rollouts, list(range(len(rollouts))))
         logits, indexer_loss, indexer_metrics = self._forward_for_update(batch)
         logp = token_logprobs(logits, rollouts.response_ids)
-        rollouts.old_logprobs = logp.detach() * rollouts.response_mask
-        topk = self.cfg.algorithm.mopd_topk
-        if topk:
-            rollouts.student_topk_ids = logits.detach().topk(topk, dim=-1).indices
-        if self.reference is not None:
-            with torch.no_grad():
-                rollouts.ref_logprobs = token_logprobs(response_logits(self.reference, batch), rollouts.response_ids)
-            rollouts.ref_logprobs = rollouts.ref_logprobs * rollouts.response_mask
+        self._record_pi_old(rollouts, update_forward=(batch, logits, logp))
         return logits, logp, indexer_loss, indexer_metrics
 
     def _build_loss_mask(self, rollouts: Rollouts) -> None:
