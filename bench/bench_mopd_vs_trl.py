@@ -17,20 +17,23 @@ What one timed step contains
   policy-gradient loss -> grad clip + AdamW step -> weight sync to the rollout engine.
   Row "ours (in-process)" hosts rollout engine and teacher in the trainer process (`num_workers=0`); row
   "ours (ray actors)" in one Ray actor each (`num_workers=1`), so each step also ships the weights to the rollout
-  actor.
+  actor. Row "ours (bf16 engines)" (in-process) serves rollout engine and teacher in bfloat16
+  (`engine_args: {dtype: bfloat16}`, as vLLM serves models) while the trainer keeps float32 weights; the sampler's
+  log-probs then differ from the trainer's by rounding, which the loop's mismatch handling (TIS) absorbs.
 - TRL (`trl.DistillationTrainer`, `beta=1.0` = reverse KL, always on-policy: it generates every batch itself):
   transformers `generate` -> teacher forward (hidden states) -> student forward -> the full-vocabulary reverse
   KL(student || teacher) on every response position (TRL's chunked kernel) + backward -> grad clip + AdamW step.
   Timed from the Trainer's `on_step_begin` to `on_step_end` callback (so its data loading and logging are not
-  counted). It runs in float32 without gradient checkpointing, like ours (TRL's defaults, bf16 autocast and
-  gradient checkpointing, are GPU-minded; `--trl-defaults` keeps them).
+  counted). It runs in float32 without gradient checkpointing, like our trainer (TRL's defaults, bf16 autocast and
+  gradient checkpointing, are GPU-minded; `--trl-defaults` keeps them; `--trl-bf16` runs bf16 autocast without
+  checkpointing, which was slower here: 10.9 s against 9.0 s a step).
 - The systems alternate step by step (TRL, ours, ours (ray actors), TRL, ...: our steps run from TRL's step-end
   callback, outside TRL's clock), so load changes on a shared machine hit all of them alike.
 
 The estimators differ by design: TRL sums the exact KL over the vocabulary at each position, MOPD uses the
 sampled token's log-ratio as a per-token advantage (its expectation is the same reverse KL).
 
-    python bench/bench_mopd_vs_trl.py [--steps 5] [--warmup 1] [--threads 2] [--systems trl ours ours_ray]
+    python bench/bench_mopd_vs_trl.py [--steps 5] [--warmup 1] [--threads 2] [--systems trl ours ours_ray ours_bf16]
 
 On a machine shared with other jobs, `--threads 1` avoids the intra-op thread stalls that make small decode-step
 ops of every system crawl when the cores are oversubscribed.
@@ -141,12 +144,14 @@ def check_same_prompt_ids(samples, tokenizer) -> None:
 class Ours:
     """Our `Trainer` on a MOPD job; `step()` times one `train_step()`."""
 
-    def __init__(self, work: Path, student: Path, teacher: Path, workers: int, warmup: int, threads: int):
+    def __init__(self, work: Path, student: Path, teacher: Path, workers: int, warmup: int, threads: int,
+                 dtype: str = "float32"):
         import mopd  # noqa: F401  (registers the mopd estimator)
         from rl.config import load_config
         from rl.trainer import Trainer
 
-        name = f"ours_w{workers}"
+        name = f"ours_w{workers}_{dtype}"
+        engine_args = {"dtype": dtype}
         data = task_args(work)
         cfg = {
             "run": {"name": name, "dir": str(work / "runs"), "seed": 0, "resume": False},
@@ -157,9 +162,11 @@ class Ours:
                 "prompts_per_step": BATCH,
             },
             "rollout": {"backend": "hf", "num_workers": workers, "group_size": 1, "max_new_tokens": NEW_TOKENS,
-                        "temperature": 1.0, "top_p": 1.0, "batch_size": BATCH, "threads_per_worker": threads},
+                        "temperature": 1.0, "top_p": 1.0, "batch_size": BATCH, "threads_per_worker": threads,
+                        "engine_args": engine_args},
             "teachers": [{"name": "teacher", "path": str(teacher), "domains": ["*"], "num_workers": workers,
-                          "threads_per_worker": threads, "batch_size": BATCH, "template_kwargs": TEMPLATE_KWARGS}],
+                          "threads_per_worker": threads, "batch_size": BATCH, "template_kwargs": TEMPLATE_KWARGS,
+                          "engine_args": engine_args}],
             "algorithm": {"advantage": "mopd", "policy_loss": "gspo_token", "updates_per_step": 1},
             "rewards": {"num_workers": 0},
             "optim": {"lr": LR, "grad_clip": 1.0},
@@ -169,7 +176,8 @@ class Ours:
         path = work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         self.trainer = Trainer(*load_config(path))
-        self.timing = Timing("ours (ray actors)" if workers else "ours (in-process)")
+        system = "ours (ray actors)" if workers else "ours (in-process)"
+        self.timing = Timing(system if dtype == "float32" else "ours (bf16 engines)")
         self.warmup = warmup
         self.i = 0
         self.phases: dict[str, list[float]] = {}
@@ -200,16 +208,16 @@ class Ours:
 
 
 def run_trl(work: Path, student: Path, teacher: Path, samples, warmup: int, steps: int, trl_defaults: bool,
-            between_steps) -> Timing:
+            between_steps, trl_bf16: bool = False) -> Timing:
     """TRL's trainer for warm-up + steps; `between_steps()` runs after each of its steps (the other systems)."""
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    timing = Timing("TRL DistillationTrainer")
+    timing = Timing("TRL DistillationTrainer" + (" (bf16)" if trl_bf16 else ""))
     tokenizer = AutoTokenizer.from_pretrained(str(student), padding_side="left")
     dataset = Dataset.from_list([{"prompt": [dict(m) for m in s.messages]} for s in samples])
-    precision = {} if trl_defaults else {"bf16": False, "gradient_checkpointing": False}
+    precision = {} if trl_defaults else {"bf16": trl_bf16, "gradient_checkpointing": False}
     args = DistillationConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
         max_steps=warmup + steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
@@ -264,12 +272,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per system (after warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per system first")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (trainer and actors)")
-    parser.add_argument("--systems", nargs="+", default=["trl", "ours", "ours_ray"],
-                        choices=["trl", "ours", "ours_ray"])
+    parser.add_argument("--systems", nargs="+", default=["trl", "ours", "ours_ray", "ours_bf16"],
+                        choices=["trl", "ours", "ours_ray", "ours_bf16"])
     parser.add_argument("--qwen-tokenizer", type=Path, default=ROOT.parent / "shared" / "data" / "qwen_tokenizer",
                         help="folder with vocab.json, merges.txt and qwen3/tokenizer_config.json")
     parser.add_argument("--trl-defaults", action="store_true",
                         help="keep TRL's bf16 autocast and gradient checkpointing defaults")
+    parser.add_argument("--trl-bf16", action="store_true",
+                        help="TRL with bf16 autocast (its default precision) but without gradient checkpointing")
     parser.add_argument("--workdir", type=Path, default=None, help="keep models and runs here (default: a temp dir)")
     args = parser.parse_args()
 
@@ -297,7 +307,8 @@ def main() -> None:
         print(f"models: 2-layer qwen3_moe, vocab {len(tokenizer)}; {len(samples)} prompts of {min(lengths)}-"
               f"{max(lengths)} tokens; batch {BATCH} x {NEW_TOKENS} new tokens; {args.threads} threads; "
               f"{args.warmup} warm-up + {args.steps} timed steps per system", flush=True)
-        ours = [Ours(work, student, teacher, 1 if name == "ours_ray" else 0, args.warmup, args.threads)
+        ours = [Ours(work, student, teacher, 1 if name == "ours_ray" else 0, args.warmup, args.threads,
+                     "bfloat16" if name == "ours_bf16" else "float32")
                 for name in args.systems if name != "trl"]
 
         def step_ours() -> None:
@@ -308,7 +319,7 @@ def main() -> None:
             timings: list[Timing] = []
             if "trl" in args.systems:
                 timings.append(run_trl(work, student, teacher, samples, args.warmup, args.steps, args.trl_defaults,
-                                       step_ours))
+                                       step_ours, trl_bf16=args.trl_bf16))
             else:
                 for _ in range(args.warmup + args.steps):
                     step_ours()

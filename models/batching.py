@@ -83,15 +83,20 @@ def response_logits(model, batch: PackedBatch) -> torch.Tensor:
 _CHUNK_ROWS = 16
 
 
-def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def logsumexp(logits: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
     """logsumexp(logits / temperature) over the vocabulary: `[..., V]` -> `[...]` float32, no gradient.
+    `with_entropy`: also the entropy of softmax(logits / temperature) at each position, from the same pass over
+    the vocabulary (a second pass would re-read the whole `[..., V]` tensor for a logging metric).
 
-    Chunked over rows with one reused buffer; equals `torch.logsumexp` to float tolerance.
+    Chunked over rows with reused buffers; equals `torch.logsumexp` to float tolerance.
     """
     with torch.no_grad():
         flat = logits.detach().reshape(-1, logits.shape[-1])
         out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-        buf = torch.empty(min(_CHUNK_ROWS, flat.shape[0]), flat.shape[1], dtype=torch.float32, device=flat.device)
+        entropy = torch.empty_like(out) if with_entropy else None
+        n = min(_CHUNK_ROWS, flat.shape[0])
+        buf = torch.empty(n, flat.shape[1], dtype=torch.float32, device=flat.device)
+        exps = torch.empty_like(buf) if with_entropy else None
         for start in range(0, flat.shape[0], _CHUNK_ROWS):
             rows = flat[start : start + _CHUNK_ROWS]
             b = buf[: rows.shape[0]]
@@ -99,27 +104,40 @@ def logsumexp(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
                 rows = torch.div(rows, temperature, out=b)
             top = rows.amax(dim=-1, keepdim=True)
             top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-            out[start : start + rows.shape[0]] = torch.sub(rows, top, out=b).exp_().sum(-1).log_().add_(top.squeeze(-1))
-        return out.view(logits.shape[:-1])
+            shifted = torch.sub(rows, top, out=b)  # z - max
+            if entropy is None:
+                total = shifted.exp_().sum(-1)
+            else:  # H = log(total) - E_p[z - max]
+                e = torch.exp(shifted, out=exps[: rows.shape[0]])
+                total = e.sum(-1)
+                entropy[start : start + rows.shape[0]] = total.log() - e.mul_(shifted).nan_to_num_(0.0).sum(-1) / total
+            out[start : start + rows.shape[0]] = total.log_().add_(top.squeeze(-1))
+        shape = logits.shape[:-1]
+        return (out.view(shape), entropy.view(shape)) if with_entropy else out.view(shape)
 
 
 class _TokenLogprob(torch.autograd.Function):
     """log softmax(logits / T) at k tokens per position (`tokens [..., k]`) without materialising the
     log-softmax; the backward writes (onehot - softmax) / T * grad, summed over the k tokens, straight into one
-    `[N, V]` gradient."""
+    `[N, V]` gradient. Second output: the entropy per position (no gradient), from the forward's pass."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        lse = logsumexp(logits, temperature)
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool):
+        if with_entropy:
+            lse, entropy = logsumexp(logits, temperature, with_entropy=True)
+        else:
+            lse = logsumexp(logits, temperature)
+            entropy = lse.new_empty(0)
         picked = torch.gather(logits, -1, tokens).float()
         if temperature != 1.0:
             picked = picked / temperature
         ctx.save_for_backward(logits, tokens, lse)
         ctx.temperature = temperature
-        return picked - lse.unsqueeze(-1)
+        ctx.mark_non_differentiable(entropy)
+        return picked - lse.unsqueeze(-1), entropy
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _grad_entropy: torch.Tensor | None = None):
         logits, tokens, lse = ctx.saved_tensors
         temperature = ctx.temperature
         flat = logits.reshape(-1, logits.shape[-1])
@@ -143,52 +161,32 @@ class _TokenLogprob(torch.autograd.Function):
         out.scatter_add_(-1, tokens.reshape(-1, k), g_tokens.to(out.dtype))
         if temperature != 1.0:
             out.div_(temperature)
-        return out.view(logits.shape), None, None
+        return out.view(logits.shape), None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   return_entropy: bool = False):
     """log softmax(logits / temperature) gathered at `tokens`: `[B, T, V]`, `[B, T]` -> `[B, T]` float32, or
     `[B, T, k]` -> `[B, T, k]` for k tokens per position (a teacher's top-k support).
 
     Computed as logit[token] / T - logsumexp(logits / T) in row chunks (differentiable w.r.t. `logits`), so no
-    full-vocabulary log-softmax is allocated forward or backward.
+    full-vocabulary log-softmax is allocated forward or backward. `return_entropy`: also the entropy `[B, T]`
+    (no gradient) from the same pass over the vocabulary.
     """
     tokens = tokens.long()
     several = tokens.dim() == logits.dim()
     index = tokens if several else tokens.unsqueeze(-1)
     if logits.requires_grad and torch.is_grad_enabled():
-        out = _TokenLogprob.apply(logits, index, float(temperature))
+        out, entropy = _TokenLogprob.apply(logits, index, float(temperature), return_entropy)
     else:
         picked = torch.gather(logits, -1, index).float()
         if temperature != 1.0:
             picked = picked / temperature
-        out = picked - logsumexp(logits, temperature).unsqueeze(-1)
-    return out if several else out.squeeze(-1)
-
-
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) at each position: `[..., V]` -> `[...]` float32, no gradient.
-
-    H = lse - sum(p * z) with z = logits / T, in row chunks (a logging metric: nothing to backpropagate).
-    """
-    with torch.no_grad():
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-        n = min(_CHUNK_ROWS, flat.shape[0])
-        z = torch.empty(n, flat.shape[1], dtype=torch.float32, device=flat.device)
-        p = torch.empty_like(z)
-        for start in range(0, flat.shape[0], _CHUNK_ROWS):
-            rows = flat[start : start + _CHUNK_ROWS]
-            zc, pc = z[: rows.shape[0]], p[: rows.shape[0]]
-            zc.copy_(rows)
-            if temperature != 1.0:
-                zc.div_(temperature)
-            top = zc.amax(dim=-1, keepdim=True)
-            torch.sub(zc, top, out=pc).exp_()
-            total = pc.sum(-1)
-            expected = pc.mul_(zc.sub_(top)).nan_to_num_(0.0).sum(-1) / total  # E_p[z - max]
-            out[start : start + rows.shape[0]] = total.log() - expected
-        return out.view(logits.shape[:-1])
+        lse, entropy = logsumexp(logits, temperature, with_entropy=True) if return_entropy else (
+            logsumexp(logits, temperature), None)
+        out = picked - lse.unsqueeze(-1)
+    out = out if several else out.squeeze(-1)
+    return (out, entropy) if return_entropy else out
 
 
 def response_tokens(batch: PackedBatch) -> torch.Tensor:

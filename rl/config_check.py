@@ -64,6 +64,14 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
         if missing:
             problems.append(f"rewards.routes: no reward for training domain(s) {missing}")
 
+    from models.factory import INFERENCE_DTYPES
+
+    engines = [("rollout.engine_args", cfg.rollout.backend, cfg.rollout.engine_args)] + [
+        (f"teachers.{i}.engine_args", t.backend, t.engine_args) for i, t in enumerate(cfg.teachers)]
+    for key, backend, args in engines:
+        if backend == "hf" and "dtype" in args and args["dtype"] not in INFERENCE_DTYPES:
+            problems.append(f"{key}.dtype: {args['dtype']!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+
     backends = {cfg.rollout.backend} | {t.backend for t in cfg.teachers}
     if "vllm" in backends and importlib.util.find_spec("vllm") is None:
         notes.append("vLLM is not installed here: `pip install -e \".[vllm]\"` where the job runs")

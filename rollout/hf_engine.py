@@ -7,7 +7,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from models.batching import pack_prompts
 from models.chat import RenderedPrompt
-from models.factory import load_model
+from models.factory import inference_dtype, load_model
 from rollout.base import Generations, RolloutEngine, SamplingSettings, register_engine
 
 
@@ -16,12 +16,15 @@ class HFEngine(RolloutEngine):
     """Owns a copy of the student (loaded from a saved folder) and samples from it in batches."""
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64, threads: int = 0, device: str = "cpu",
-                 model=None, **_: object):
+                 model=None, dtype: str = "float32", **_: object):
+        """`dtype`: the precision of the engine's own copy of the weights (`rollout.engine_args.dtype`, e.g.
+        "bfloat16"); synced float32 weights are cast into it."""
         if threads:
             torch.set_num_threads(threads)
         if (model_path is None) == (model is None):
             raise ValueError("give the HF engine a model_path or a model object, not both")
-        self.model = (model if model is not None else load_model(model_path)).to(device).eval()
+        weights = inference_dtype(dtype, "rollout.engine_args.dtype")
+        self.model = (model if model is not None else load_model(model_path, dtype=weights)).to(device).eval()
         self.device = device
         self.batch_size = batch_size
         self.eos_id = self.model.generation_config.eos_token_id or self.model.config.get_text_config().eos_token_id

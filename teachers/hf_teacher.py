@@ -8,7 +8,7 @@ import torch
 
 from models.batching import logsumexp, pack, response_logits, response_tokens
 from models.chat import ChatRenderer
-from models.factory import load_model, load_tokenizer, vision_layout
+from models.factory import inference_dtype, load_model, load_tokenizer, vision_layout
 from tasks.base import Sample
 from teachers.base import TeacherScores
 from teachers.views import view_messages
@@ -30,14 +30,17 @@ class HFTeacher:
         batch_size: int = 64,
         template_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
+        dtype: str = "float32",
         **_: Any,
     ):
+        """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16")."""
         self.name = name
         self.view = view
         self.topk = topk
         self.batch_size = batch_size
         self.device = device
-        self.model = load_model(path).to(device).eval()
+        weights = inference_dtype(dtype, f"teachers[{name}].engine_args.dtype")
+        self.model = load_model(path, dtype=weights).to(device).eval()
         self.tokenizer = load_tokenizer(path)
         self.renderer = ChatRenderer(self.tokenizer, vision_layout(self.model), template_kwargs)
 

@@ -255,6 +255,32 @@ def test_token_logprobs_match_a_hand_log_softmax():
             assert got[b, t] == pytest.approx(ref, abs=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_token_logprobs_entropy_matches_a_hand_entropy(grad, temperature):
+    """The entropy that comes with the log-prob pass (logged every step) against numpy, with a masked (-inf)
+    logit and more rows than one chunk; the log-probs and their gradient are unchanged by asking for it."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 7, 11)) * 3
+    logits[0, 0, 4] = -np.inf
+    tokens = torch.tensor(rng.integers(0, 11, size=(3, 7)))
+    tokens[0, 0] = 0
+    x = torch.tensor(logits, dtype=torch.float32, requires_grad=grad)
+    logp, entropy = token_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+    z = logits / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ref = -np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0).sum(-1)
+    assert np.allclose(entropy.numpy(), ref, atol=1e-5)
+    assert torch.allclose(logp, token_logprobs(x, tokens, temperature=temperature), atol=0)
+    if grad:
+        logp.sum().backward()
+        g = x.grad.clone()
+        x.grad = None
+        token_logprobs(x, tokens, temperature=temperature).sum().backward()
+        assert torch.equal(g, x.grad)
+
+
 # ----------------------------------------------------------------------------- teacher views
 
 QUESTION = "When is the red square visible?"

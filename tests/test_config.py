@@ -313,3 +313,13 @@ def test_demo_plan_stages_are_shipped_job_configs(monkeypatch):
     assert cfg.algorithm.advantage == "mopd" and cfg.teachers
     produced = {str(load_config(REPO / s)[0].run_dir / "final") for s in stages[:-1]}
     assert {t.path for t in cfg.teachers} | {cfg.model.path} <= produced
+
+
+def test_check_rejects_an_unknown_inference_dtype_naming_the_engine(tmp_path):
+    job = write(tmp_path, "job.yaml", {**BASE, "rollout": {"engine_args": {"dtype": "bf16"}},
+                                       "teachers": [{**BASE["teachers"][0], "engine_args": {"dtype": "bfloat16"}},
+                                                    {**BASE["teachers"][1], "engine_args": {"dtype": "half"}}]})
+    problems, _ = check_config(load_config(job)[0])
+    assert any(p.startswith("rollout.engine_args.dtype: 'bf16'") and "bfloat16" in p for p in problems)
+    assert any(p.startswith("teachers.1.engine_args.dtype: 'half'") for p in problems)
+    assert not any(p.startswith("teachers.0.") for p in problems)

@@ -110,3 +110,39 @@ def test_model_min_new_tokens_is_honoured_when_sampling(workspace):
             expected = token_logprobs(response_logits(model, pack([prompt], [ids], pad_id=engine.pad_id)),
                                       torch.tensor([ids]))[0]
         assert torch.allclose(torch.tensor(lps), expected, atol=1e-4)
+
+
+def test_bfloat16_engine_and_teacher_serve_their_own_precision(workspace):
+    """`engine_args: {dtype: bfloat16}`: the engine's copy is bf16, synced float32 weights are cast into it, and
+    the log-probs it reports are its own (the bf16 model's); they differ from the float32 trainer's by rounding
+    only. The teacher likewise. A wrong name is an error naming the key."""
+    import pytest
+    import torch
+
+    from models.batching import pack, response_logits, token_logprobs
+    from teachers.hf_teacher import HFTeacher
+
+    path = workspace / "student"
+    model = load_model(path)
+    renderer = ChatRenderer(load_tokenizer(path), vision_layout(model), {})
+    samples = generate("reasoning", "eval", 3, seed=7)
+    prompts = [renderer.render(s.messages, s.tools) for s in samples]
+    engine = HFEngine(model_path=str(path), batch_size=8, dtype="bfloat16")
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    engine.load_weights({k: v.float() for k, v in model.state_dict().items()})
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    out = engine.generate(prompts, SamplingSettings(max_new_tokens=6, temperature=1.0, seed=2))
+    for prompt, ids, lps in zip(prompts, out.response_ids, out.logprobs):
+        batch = pack([prompt], [ids], pad_id=engine.pad_id)
+        with torch.no_grad():
+            own = token_logprobs(response_logits(engine.model, batch), torch.tensor([ids]))[0]
+            full = token_logprobs(response_logits(model, batch), torch.tensor([ids]))[0]
+        assert torch.allclose(torch.tensor(lps), own, atol=1e-3)
+        assert torch.allclose(torch.tensor(lps), full, atol=0.1)
+    teacher32 = HFTeacher("t", str(path))
+    teacher16 = HFTeacher("t", str(path), dtype="bfloat16")
+    assert {p.dtype for p in teacher16.model.parameters()} == {torch.bfloat16}
+    a, b = teacher32.score(samples, out.response_ids), teacher16.score(samples, out.response_ids)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=0.1) and not torch.equal(a.logprobs, b.logprobs)
+    with pytest.raises(ValueError, match="rollout.engine_args.dtype"):
+        HFEngine(model_path=str(path), dtype="bf16")
