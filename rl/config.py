@@ -74,6 +74,11 @@ class ModelConfig:
         default="model",
     )
     freeze_vision: bool = _help("Freeze the vision encoder and projector (no grad, no optimizer state).", default=True)
+    vision_from: str | None = _help(
+        "Start the vision encoder and projector from this saved model of the same family (a pretrained tower), "
+        "then train or freeze them as `freeze_vision` says.",
+        default=None,
+    )
     lora: LoraConfig = _help("LoRA on the language model.", default_factory=LoraConfig)
     dsa: DSAModelConfig = _help("DeepSeek Sparse Attention on the language model.", default_factory=DSAModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Training dtype of the student.", default="float32")
@@ -86,6 +91,11 @@ class ModelConfig:
 class TaskConfig:
     source: str = _help("Registered task source (embedded, niah, bfcl, charades_sta, qvhighlights, ...).", default="embedded")
     args: dict[str, Any] = _help("Keyword arguments of the task source.", default_factory=dict)
+    weight: float = _help(
+        "Share of this source in the training pool: its samples enter it `weight` times (0.5 = a seeded half). "
+        "Held-out sources ignore it.",
+        default=1.0,
+    )
 
 
 @dataclass

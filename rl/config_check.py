@@ -46,6 +46,7 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
             notes.append(f"{key}: {path} not found here (fine for `check`; `train` needs it)")
 
     need(cfg.model.path, "model.path")
+    need(cfg.model.vision_from, "model.vision_from")
     for i, t in enumerate(cfg.teachers):
         need(t.path, f"teachers.{i}.path ({t.name})")
     if cfg.model.tokenizer not in ("model", "embedded"):

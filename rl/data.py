@@ -8,8 +8,11 @@ from typing import Any
 from tasks.base import Sample, get_task_source
 
 
-def load_tasks(task_configs: list[Any], seed: int) -> list[Sample]:
-    """Instantiate every configured task source and collect its samples (errors name the source)."""
+def load_tasks(task_configs: list[Any], seed: int, weighted: bool = False) -> list[Sample]:
+    """Instantiate every configured task source and collect its samples (errors name the source).
+
+    `weighted` (the training pool): a source's `weight` sets its share - its samples enter the pool `weight`
+    times (whole copies, plus a seeded subset for the fraction). Held-out sets are never reweighted."""
     import tasks.embedded  # noqa: F401  (registers the embedded source)
     import tasks.embedded_video  # noqa: F401  (registers embedded_video and video_files)
 
@@ -26,7 +29,15 @@ def load_tasks(task_configs: list[Any], seed: int) -> list[Sample]:
             source = get_task_source(task.source)(**args)
         except TypeError as err:
             raise ValueError(f"data task #{i} (source {task.source!r}): bad arguments {args}: {err}") from err
-        samples.extend(source)
+        weight = float(getattr(task, "weight", 1.0))
+        if weight <= 0:
+            raise ValueError(f"data task #{i} (source {task.source!r}): weight must be > 0, got {weight}")
+        items = list(source)
+        if weighted and weight != 1.0:
+            whole, fraction = int(weight), weight - int(weight)
+            extra = random.Random(f"{seed}-weight-{i}").sample(items, round(fraction * len(items)))
+            items = items * whole + extra
+        samples.extend(items)
     if not samples:
         raise ValueError("the configured task sources yielded no samples")
     return samples

@@ -49,6 +49,10 @@ def build_student(cfg, tokenizer):
         from models.dsa.training import set_trainable_for_mode
 
         set_trainable_for_mode(model, dsa.stage)  # warm-up: indexers only; sparse: indexers + language model
+    if cfg.model.vision_from is not None:
+        from models.vision_init import load_vision_from
+
+        load_vision_from(model, cfg.model.vision_from)
     frozen = freeze_vision(model) if cfg.model.freeze_vision else []
     if cfg.model.lora.enabled:
         model = _add_lora(model, cfg.model.lora)

@@ -61,7 +61,7 @@ class Trainer:
         self.tokenizer = resolve_tokenizer(cfg)
         self.model, self.frozen = build_student(cfg, self.tokenizer)
         self.renderer = ChatRenderer(self.tokenizer, vision_layout(self.model), cfg.model.template_kwargs)
-        self.train_samples = load_tasks(cfg.data.train, cfg.run.seed)
+        self.train_samples = load_tasks(cfg.data.train, cfg.run.seed, weighted=True)
         self.eval_samples = load_tasks(cfg.data.eval, cfg.run.seed)
         self.stream = self._prompt_stream()
         self.scorer = RewardScorer(

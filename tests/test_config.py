@@ -323,3 +323,18 @@ def test_check_rejects_an_unknown_inference_dtype_naming_the_engine(tmp_path):
     assert any(p.startswith("rollout.engine_args.dtype: 'bf16'") and "bfloat16" in p for p in problems)
     assert any(p.startswith("teachers.1.engine_args.dtype: 'half'") for p in problems)
     assert not any(p.startswith("teachers.0.") for p in problems)
+
+
+def test_task_source_weight_sets_its_share_of_the_training_pool_only(tmp_path):
+    from rl.config import TaskConfig
+    from rl.data import load_tasks
+
+    args = {"n_train": 40, "n_eval": 8, "data_dir": str(tmp_path)}
+    tasks = [TaskConfig(args={**args, "domains": ["tool"]}), TaskConfig(args={**args, "domains": ["reasoning"]}, weight=2.5)]
+    pool = load_tasks(tasks, seed=0, weighted=True)
+    counts = {d: sum(s.domain == d for s in pool) for d in ("tool", "reasoning")}
+    assert counts == {"tool": 40, "reasoning": 100}
+    assert len({s.id for s in pool if s.domain == "reasoning"}) == 40  # copies of the same 40, nothing new
+    assert len(load_tasks(tasks, seed=0)) == 80  # held-out (unweighted) sets are as generated
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        load_tasks([TaskConfig(args=args, weight=0)], seed=0, weighted=True)

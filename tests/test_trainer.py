@@ -164,3 +164,22 @@ def test_one_micro_batch_reuses_the_update_forward_for_pi_old(workspace):
         assert b["actor/loss"] == pytest.approx(a["actor/loss"], rel=1e-4, abs=1e-5)
         assert b["mopd/teacher_kl"] == pytest.approx(a["mopd/teacher_kl"], rel=1e-4)
         assert b["mopd/teacher_kl"] > 0
+
+
+def test_vision_from_starts_the_students_tower_from_another_model_and_keeps_it_frozen(workspace):
+    """`model.vision_from`: the student's vision tensors become the source's (then frozen, bit-identical after
+    training); its language model is untouched; a source without the same tower is an error naming the key."""
+    from models.factory import load_model
+    from models.vision_init import load_vision_from
+
+    source = load_model(workspace / "teacher_vl").state_dict()
+    student = load_model(workspace / "student").state_dict()
+    trainer = run(job(workspace, "vision_from", {"model": {"vision_from": str(workspace / "teacher_vl")},
+                                                 "trainer": {"steps": 1, "eval_at_start": False}}))
+    after = trainer.model.state_dict()
+    vision = [k for k in source if k.startswith("model.visual.")]
+    assert vision and all(torch.equal(after[k], source[k]) for k in vision)
+    lm = [k for k in student if k.startswith("model.language_model.embed")]
+    assert lm and not torch.equal(student[lm[0]], source[lm[0]])  # the two models differ...
+    with pytest.raises(ValueError, match="model.vision_from"):  # ...and a text-only model has no tower to give
+        load_vision_from(load_model(workspace / "student"), workspace / "teacher_text")
