@@ -155,7 +155,8 @@ class _Sampler(LogitsProcessor):
         self.temperature = float(temperature)
         self.top_p = float(top_p)
         self.suppress = torch.tensor(suppress, dtype=torch.long) if suppress else None
-        self.eos_with_suppress = torch.tensor(sorted({*suppress, eos_id}), dtype=torch.long) if eos_id is not None else None
+        self.eos_with_suppress = (
+            torch.tensor(sorted({*suppress, eos_id}), dtype=torch.long) if eos_id is not None else None)
         self.min_new_tokens = int(min_new_tokens) if eos_id is not None else 0
         self.logprobs: list[torch.Tensor] = []
         self._out: torch.Tensor | None = None

@@ -330,7 +330,8 @@ def test_task_source_weight_sets_its_share_of_the_training_pool_only(tmp_path):
     from rl.data import load_tasks
 
     args = {"n_train": 40, "n_eval": 8, "data_dir": str(tmp_path)}
-    tasks = [TaskConfig(args={**args, "domains": ["tool"]}), TaskConfig(args={**args, "domains": ["reasoning"]}, weight=2.5)]
+    tasks = [TaskConfig(args={**args, "domains": ["tool"]}),
+             TaskConfig(args={**args, "domains": ["reasoning"]}, weight=2.5)]
     pool = load_tasks(tasks, seed=0, weighted=True)
     counts = {d: sum(s.domain == d for s in pool) for d in ("tool", "reasoning")}
     assert counts == {"tool": 40, "reasoning": 100}
