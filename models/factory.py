@@ -130,7 +130,7 @@ def inference_dtype(name: str, owner: str = "dtype") -> torch.dtype:
     halves the bytes every decode step reads (bfloat16 matrix products ran 2.2-2.7x faster on an AVX512-BF16
     CPU); the trainer keeps float32 weights and corrects the sampler/trainer gap like any engine mismatch."""
     if name not in INFERENCE_DTYPES:
-        raise ValueError(f"{owner}: unknown dtype {name!r}; expected one of {', '.join(INFERENCE_DTYPES)}")
+        raise ValueError(f"{owner}: {name!r} is not one of {', '.join(INFERENCE_DTYPES)}")
     return INFERENCE_DTYPES[name]
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from models.checkpoint_io import checkpoint_tensors
 from models.freezing import FROZEN_PREFIXES
 
 
@@ -20,12 +20,10 @@ def load_vision_from(model: nn.Module, path: str | Path, prefixes: tuple[str, ..
     """Copy every vision-tower tensor (names under `prefixes`) of the model saved at `path` into `model`; returns
     the names copied. The source must hold exactly the model's vision tensors, with the same shapes."""
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"model.vision_from: no *.safetensors in {path}")
-    source: dict[str, torch.Tensor] = {}
-    for file in files:
-        source.update({k: v for k, v in load_file(str(file)).items() if k.startswith(prefixes)})
+    try:
+        source = checkpoint_tensors(path, lambda key: key.startswith(prefixes))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"model.vision_from: {err}") from err
     own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
     if not own:
         raise ValueError("model.vision_from: the student has no vision tower to start")

@@ -65,13 +65,16 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
         if missing:
             problems.append(f"rewards.routes: no reward for training domain(s) {missing}")
 
-    from models.factory import INFERENCE_DTYPES
+    from models.factory import inference_dtype
 
     engines = [("rollout.engine_args", cfg.rollout.backend, cfg.rollout.engine_args)] + [
         (f"teachers.{i}.engine_args", t.backend, t.engine_args) for i, t in enumerate(cfg.teachers)]
     for key, backend, args in engines:
-        if backend == "hf" and "dtype" in args and args["dtype"] not in INFERENCE_DTYPES:
-            problems.append(f"{key}.dtype: {args['dtype']!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+        if backend == "hf" and "dtype" in args:
+            try:  # the engines' own check, run before anything loads
+                inference_dtype(args["dtype"], f"{key}.dtype")
+            except ValueError as err:
+                problems.append(str(err))
 
     backends = {cfg.rollout.backend} | {t.backend for t in cfg.teachers}
     if "vllm" in backends and importlib.util.find_spec("vllm") is None:

@@ -29,7 +29,7 @@ def load_tasks(task_configs: list[Any], seed: int, weighted: bool = False) -> li
             source = get_task_source(task.source)(**args)
         except TypeError as err:
             raise ValueError(f"data task #{i} (source {task.source!r}): bad arguments {args}: {err}") from err
-        weight = float(getattr(task, "weight", 1.0))
+        weight = float(task.weight)
         if weight <= 0:
             raise ValueError(f"data task #{i} (source {task.source!r}): weight must be > 0, got {weight}")
         items = list(source)

@@ -7,14 +7,14 @@ existing weight stays where it was) and gives it an `indexer` submodule; the set
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from models.checkpoint_io import checkpoint_tensors
 
 from .attention import DSAAttentionMixin
 from .config import MODES, DSAConfig
@@ -98,26 +98,6 @@ def set_dsa_mode(model: nn.Module, mode: str) -> None:
         m.dsa_mode = mode
 
 
-def _checkpoint_tensors(path: Path, wanted) -> dict[str, torch.Tensor]:
-    """Read the tensors whose names satisfy `wanted` from the safetensors file(s) of a saved model folder."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    out = {}
-    for name in files:
-        with safe_open(str(path / name), framework="pt") as f:
-            for key in f.keys():
-                if wanted(key):
-                    out[key] = f.get_tensor(key)
-    return out
-
-
 def load_dsa_model(path: str | Path, model_class: Any = None, **from_pretrained_kwargs) -> nn.Module:
     """Load a model saved after `attach_dsa`: main weights via `from_pretrained`, DSA from `config.dsa`,
     indexer weights from the checkpoint. Every indexer tensor must be present and used (else ValueError).
@@ -149,7 +129,7 @@ def load_dsa_model(path: str | Path, model_class: Any = None, **from_pretrained_
         raise ValueError(f"{path}: weights missing for {sorted(info['missing_keys'])[:5]}")
     attach_dsa(model, **DSAConfig.from_dict(dict(dsa)).to_dict())
     own = {k for k in model.state_dict() if ".indexer." in k}
-    saved = _checkpoint_tensors(path, lambda key: ".indexer." in key)
+    saved = checkpoint_tensors(path, lambda key: ".indexer." in key)
     state = {}
     for key, tensor in saved.items():
         match = key if key in own else next((o for o in own if o.endswith(key) or key.endswith(o)), None)
