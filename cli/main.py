@@ -21,6 +21,14 @@ def _train(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"error: {args.config}: {p}", file=sys.stderr)
         return 1
+    from rl.placement import resolve_launcher
+
+    if resolve_launcher(cfg) == "torchrun" and int(os.environ["RANK"]) > 0:
+        # a torchrun rank > 0 is a policy rank only: it serves what rank 0 (the controller) asks
+        from rl.worker_group import init_torchrun_group, serve_policy_rank
+
+        serve_policy_rank(cfg, *init_torchrun_group(cfg))
+        return 0
     trainer = Trainer(cfg, resolved)
     try:
         trainer.fit()

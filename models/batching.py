@@ -26,6 +26,11 @@ class PackedBatch:
     pixel_values_videos: torch.Tensor | None
     video_grid_thw: torch.Tensor | None
 
+    def to(self, device: torch.device | str) -> PackedBatch:
+        """The same batch with every tensor on `device` (the training rank's)."""
+        move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return PackedBatch(**{f: move(getattr(self, f)) for f in self.__dataclass_fields__})
+
     def model_inputs(self) -> dict:
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.video_grid_thw is not None:

@@ -151,10 +151,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
 
 def quiet_libraries() -> None:
     """Silence per-load progress bars of transformers and datasets (a run loads models many times)."""
-    import datasets
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    try:  # only where a task source uses datasets
+        import datasets
+    except ImportError:
+        return
     datasets.disable_progress_bars()
 
 
@@ -164,11 +167,17 @@ def load_tokenizer(path: str | Path):
 
 def vision_layout(model: PreTrainedModel) -> VisionLayout | None:
     """The model's vision layout, or None for a text-only model."""
-    vision_config = getattr(model.config, "vision_config", None)
+    return vision_layout_of(model.config)
+
+
+def vision_layout_of(config) -> VisionLayout | None:
+    """The vision layout a model config describes, or None for a text-only one."""
+    vision_config = getattr(config, "vision_config", None)
     return None if vision_config is None else VisionLayout.from_config(vision_config)
 
 
-def save_model(model: PreTrainedModel, tokenizer, path: str | Path) -> None:
-    """Save weights (safetensors), config and tokenizer together: every model folder is self-contained."""
-    model.save_pretrained(str(path), safe_serialization=True)
+def save_model(model: PreTrainedModel, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """Save weights (safetensors), config and tokenizer together: every model folder is self-contained.
+    `state_dict`: the weights to write instead of the model's own (gathered from shards)."""
+    model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(path))

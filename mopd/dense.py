@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 
-from models.batching import token_logprobs
 from rl.algorithms import masked_mean, register_logit_loss
 
 # log(1 - total probability) is clamped here: a top-k that already holds all the mass has an empty tail.
@@ -47,35 +46,30 @@ def bucket_forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 @register_logit_loss("teacher_kl", needs_teacher_topk=True)
-def teacher_topk_kl(logits: torch.Tensor, rollouts, mask: torch.Tensor, cfg=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Token-mean over `mask [B, T]` of the routing-weighted bucket reverse KL to each teacher's top-k
-    (`rollouts.teacher_topk_ids / teacher_topk_logprobs [B, T, k]`, `teacher_weights [B]`)."""
-    return _teacher_topk_divergence(logits, rollouts, mask, bucket_reverse_kl, "teacher_kl")
+def teacher_topk_kl(student_at_topk: dict[str, torch.Tensor], rollouts, mask: torch.Tensor, cfg=None):
+    """Token-mean over `mask [B, T]` of the routing-weighted bucket reverse KL to each teacher's top-k:
+    `student_at_topk[teacher] [B, T, k]` are the student's log-probs at `rollouts.teacher_topk_ids[teacher]`,
+    compared with `rollouts.teacher_topk_logprobs[teacher]`; weights `rollouts.teacher_weights [B]`."""
+    return _teacher_topk_divergence(student_at_topk, rollouts, mask, bucket_reverse_kl, "teacher_kl")
 
 
 @register_logit_loss("teacher_fkl", needs_teacher_topk=True)
-def teacher_topk_forward_kl(logits: torch.Tensor, rollouts, mask: torch.Tensor, cfg=None) -> tuple[torch.Tensor, dict[str, float]]:
+def teacher_topk_forward_kl(student_at_topk: dict[str, torch.Tensor], rollouts, mask: torch.Tensor, cfg=None):
     """As `teacher_kl`, in the forward direction KL(teacher || student)."""
-    return _teacher_topk_divergence(logits, rollouts, mask, bucket_forward_kl, "teacher_fkl")
+    return _teacher_topk_divergence(student_at_topk, rollouts, mask, bucket_forward_kl, "teacher_fkl")
 
 
-def _teacher_topk_divergence(logits, rollouts, mask, divergence, name_of_loss: str):
+def _teacher_topk_divergence(student_at_topk, rollouts, mask, divergence, name_of_loss: str):
     names = [n for n, w in rollouts.teacher_weights.items() if bool((w > 0).any())]
-    missing = [n for n in names if n not in rollouts.teacher_topk_ids]
+    missing = [n for n in names if n not in rollouts.teacher_topk_ids or n not in student_at_topk]
     if missing:
         raise ValueError(f"logit loss {name_of_loss!r} needs top-k log-probs from teacher(s) {missing}: set their topk > 0")
-    if not names:
-        return logits.sum() * 0.0, {}
-    # One gather for every teacher's support: the vocabulary-wide logsumexp is computed once.
-    ids = torch.cat([rollouts.teacher_topk_ids[n] for n in names], dim=-1)
-    student_all = token_logprobs(logits, ids)
     per_token = torch.zeros_like(mask, dtype=torch.float32)
-    start = 0
     for name in names:
-        k = rollouts.teacher_topk_ids[name].shape[-1]
-        student = student_all[..., start : start + k]
-        start += k
+        student = student_at_topk[name]
         kl = divergence(student, rollouts.teacher_topk_logprobs[name].to(student.dtype))
         per_token = per_token + rollouts.teacher_weights[name].to(kl.dtype).unsqueeze(-1) * kl
+    if not names:
+        per_token = per_token + 0.0 * sum(v.sum() for v in student_at_topk.values())
     loss = masked_mean(per_token, mask)
     return loss, {f"mopd/{name_of_loss}": float(loss.detach())}

@@ -84,8 +84,8 @@ def group_position_baseline(advantages: torch.Tensor, group_ids: torch.Tensor, m
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1
     masked = advantages * mask
-    totals = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype).index_add_(0, inverse, masked)
-    counts = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype).index_add_(0, inverse, mask)
+    totals = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype, device=advantages.device).index_add_(0, inverse, masked)
+    counts = torch.zeros(n_groups, advantages.shape[1], dtype=advantages.dtype, device=advantages.device).index_add_(0, inverse, mask)
     others = (counts[inverse] - mask).clamp(min=0)
     baseline = torch.where(others > 0, (totals[inverse] - masked) / others.clamp(min=1), torch.zeros_like(advantages))
     return baseline * mask

@@ -13,11 +13,13 @@ rewards, group_ids `[B]`. `cfg` is a mapping or an object with attributes (`clip
 missing optional keys take the defaults documented on each function. `weights` are per-token importance
 weights against the sampler (truncated IS), detached; None means 1.
 
-Losses that need the whole distribution rather than the sampled token's log-prob (a teacher's top-k KL) are
-*logit losses*, added to the policy loss with a weight (`algorithm.logit_losses: {name: weight}`):
+Losses that need more of the distribution than the sampled token's log-prob (a teacher's top-k KL) are
+*logit losses*, added to the policy loss with a weight (`algorithm.logit_losses: {name: weight}`). They get the
+student's log-probs at each routed teacher's top-k ids, read from the hidden states in the same chunked pass as
+the sampled token's (no `[B, T, V]` logits exist):
 
     @register_logit_loss("my_term")
-    def my_term(logits, rollouts, mask, cfg) -> (loss, metrics): ...   # logits [B, T, V]
+    def my_term(student_at_teacher_topk, rollouts, mask, cfg) -> (loss, metrics): ...   # {teacher: [B, T, k]}
 """
 
 from __future__ import annotations
@@ -63,8 +65,9 @@ def register_advantage_estimator(
 
 
 def register_logit_loss(name: str, needs_teacher_topk: bool = False) -> Callable[[PolicyLoss], PolicyLoss]:
-    """`fn(logits [B, T, V], rollouts, mask [B, T], cfg) -> (scalar loss, metrics)`, a token mean over `mask`;
-    differentiable w.r.t. `logits` (the update forward's response logits). `needs_teacher_topk=True` lets `check`
+    """`fn(student_at_teacher_topk {teacher: [B, T, k]}, rollouts, mask [B, T], cfg) -> (scalar loss, metrics)`,
+    a token mean over `mask`; differentiable w.r.t. the student's log-probs at each routed teacher's top-k ids
+    (`rollouts.teacher_topk_ids[teacher]`, in that order). `needs_teacher_topk=True` lets `check`
     refuse a config whose teachers return no top-k log-probs."""
 
     def wrap(fn: PolicyLoss) -> PolicyLoss:
@@ -94,7 +97,7 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 
 
 def get_logit_loss(name: str) -> PolicyLoss:
-    """`fn(logits, rollouts, mask, cfg) -> (loss, metrics)`."""
+    """`fn(student_at_teacher_topk, rollouts, mask, cfg) -> (loss, metrics)`."""
     return _lookup(_LOGIT_LOSSES, name, "logit loss")
 
 
@@ -158,10 +161,10 @@ def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Te
     _, inverse = torch.unique(group_ids, return_inverse=True)
     n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
     values = values.double()
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(values))
-    total = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, values)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(0, inverse, torch.ones_like(values))
+    total = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(0, inverse, values)
     mean = total / count
-    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, inverse, (values - mean[inverse]) ** 2)
+    sq = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(0, inverse, (values - mean[inverse]) ** 2)
     std = torch.sqrt(sq / (count - 1).clamp(min=1))
     return mean[inverse], std[inverse], count[inverse]
 
@@ -277,3 +280,52 @@ def nll_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
         objective = objective * weights.detach()
     loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "token_mean"))
     return loss, {}
+
+
+# ----------------------------------------------------------------------------- loss terms and masks
+
+
+def loss_units(mask: torch.Tensor, loss_agg: str) -> float:
+    """How much a (micro-)batch weighs in a step's policy loss under `loss_agg`, so that micro-batches (and
+    ranks) add up to one big batch: counted tokens, rows, or sequences with at least one counted token."""
+    if loss_agg == "token_mean":
+        return float(mask.sum())
+    if loss_agg == "seq_mean_token_sum_norm":
+        return float(mask.shape[0])
+    return float((mask.sum(-1) > 0).sum())
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || ref) per token `[B, T]`: exp(ref - logp) - (ref - logp) - 1, >= 0, unbiased."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1
+
+
+def token_loss_mask(rollouts: Any, cfg: Any, sampled: bool) -> None:
+    """Which tokens count (`rollouts.loss_mask [B, T]`) and their importance weights against the sampler
+    (`rollouts.token_weights`): truncated responses, zero-variance groups, the sampler/trainer mismatch rule.
+    `sampled`: the responses came from a sampler (not demonstrations), so pi_old vs sampler is meaningful."""
+    mask = rollouts.response_mask.clone()
+    if cfg.truncated == "drop":
+        mask[rollouts.truncated] = 0
+    elif cfg.truncated == "downweight":
+        mask[rollouts.truncated] *= cfg.truncated_weight
+    if cfg.filter_zero_variance_groups and rollouts.rewards is not None:
+        _, std, _ = group_stats(rollouts.rewards, rollouts.group_ids)
+        keep = (std > 0).float()
+        rollouts.metrics["filter/zero_variance_frac"] = float(1 - keep.mean())
+        mask = mask * keep.unsqueeze(-1).to(mask.dtype)
+    if sampled and rollouts.old_logprobs is not None:
+        rm = rollouts.response_mask
+        diff = (rollouts.old_logprobs - rollouts.sampler_logprobs).abs()
+        rollouts.metrics["mismatch/abs_logprob_diff"] = float(masked_mean(diff, rm))
+        rollouts.metrics["mismatch/max_abs_logprob_diff"] = float((diff * rm).max())
+        if cfg.mismatch != "none":
+            ratio = torch.exp((rollouts.old_logprobs - rollouts.sampler_logprobs) * rm)
+            if cfg.mismatch == "tis":
+                rollouts.token_weights = torch.clamp(ratio, max=cfg.mismatch_cap)
+            else:
+                keep = ((ratio >= cfg.mismatch_low) & (ratio <= cfg.mismatch_high)).float()
+                rollouts.metrics["mismatch/masked_frac"] = float(masked_mean(1 - keep, rm))
+                mask = mask * keep
+    rollouts.loss_mask = mask

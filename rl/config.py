@@ -241,6 +241,28 @@ class TrainerConfig:
     eval_at_start: bool = _help("Evaluate the starting model (the 'before' column).", default=True)
     eval_teachers: bool = _help("Also evaluate each teacher on its routed domains, in its own view.", default=False)
     threads: int = _help("torch CPU threads of the trainer process (0 = torch's default).", default=0)
+    device: Literal["auto", "cpu", "cuda"] = _help(
+        "Where the student trains: 'auto' is CUDA when torch sees a GPU, else the CPU.", default="auto")
+    precision: Literal["auto", "float32", "bf16_mixed"] = _help(
+        "Training precision: 'bf16_mixed' computes in bf16 over fp32 master weights, optimizer state and fp32 "
+        "gradient reduction (FSDP2's mixed precision); 'auto' is bf16_mixed on CUDA and float32 on the CPU.",
+        default="auto")
+    world_size: int = _help("Training ranks (FSDP2 shards the student over them; across nodes with Ray).", default=1)
+    launcher: Literal["auto", "local", "torchrun", "ray"] = _help(
+        "How training ranks start: 'torchrun' (`torchrun --nproc-per-node N -m cli train ...`, no Ray), 'ray' "
+        "(actors in the placement plan's bundles), 'local' (one rank in-process); 'auto' is torchrun inside a "
+        "torchrun job, ray for world_size > 1, else local.", default="auto")
+    gpus_per_rank: float = _help("GPUs per training rank in the placement plan (CUDA training).", default=1.0)
+    activation_checkpointing: Literal["auto", "on", "off"] = _help(
+        "Recompute each decoder layer's activations in the backward pass; 'auto' is on for CUDA.", default="auto")
+    offload: Literal["none", "cpu"] = _help(
+        "FSDP2 CPU offload of parameters, gradients and optimizer state (few GPUs, large student).", default="none")
+    collective_timeout_s: float = _help(
+        "A collective that waits longer than this fails (a dead or stuck rank stops the job, not hangs it).",
+        default=900.0)
+    logprob_chunk_rows: int = _help(
+        "Token rows per chunk of the hidden-state log-prob pass (0 = sized from a memory budget).", default=0)
+    weight_sync_mb: float = _help("Size of the weight buckets streamed from the shards to the engines.", default=512.0)
 
 
 @dataclass
@@ -248,6 +270,10 @@ class EvalConfig:
     max_new_tokens: int = _help("Generation cap in evaluation.", default=48)
     batch_size: int = _help("Prompts per generate call in evaluation.", default=64)
     greedy: bool = _help("Greedy decoding (else sampling at rollout.temperature).", default=True)
+    engine: Literal["auto", "hf", "rollout"] = _help(
+        "What generates held-out answers, with the student's synced weights: 'rollout' (the rollout engines), "
+        "'hf' (a transformers engine in the controller's process); 'auto' is rollout for vLLM, else hf.",
+        default="auto")
 
 
 @dataclass
@@ -256,6 +282,12 @@ class LoggingConfig:
     tensorboard: bool = _help("Write TensorBoard events under the run folder.", default=True)
     wandb: bool = _help("Log to Weights & Biases (needs the wandb package and a login).", default=False)
     wandb_project: str = _help("W&B project.", default="vlpost")
+
+
+@dataclass
+class ClusterConfig:
+    gpus: int = _help("GPUs the job may use in all (0 = undeclared); `check` fails when the placement needs more.",
+                      default=0)
 
 
 @dataclass
@@ -271,6 +303,7 @@ class JobConfig:
     trainer: TrainerConfig = _help("Loop length, checkpoints, evaluation cadence.", default_factory=TrainerConfig)
     eval: EvalConfig = _help("Held-out evaluation.", default_factory=EvalConfig)
     logging: LoggingConfig = _help("Progress, metrics and dashboards.", default_factory=LoggingConfig)
+    cluster: ClusterConfig = _help("The cluster the placement must fit.", default_factory=ClusterConfig)
 
     def validate(self) -> None:
         names = [t.name for t in self.teachers]
@@ -281,6 +314,13 @@ class JobConfig:
             raise ValueError("algorithm.advantage is 'mopd' but no teachers are configured")
         if self.rollout.group_size < 1:
             raise ValueError("rollout.group_size must be >= 1")
+        if self.trainer.world_size < 1:
+            raise ValueError("trainer.world_size must be >= 1")
+        if self.model.lora.enabled and self.trainer.world_size > 1:
+            raise ValueError("model.lora with trainer.world_size > 1 is not supported: LoRA trains on one rank")
+        if self.trainer.precision == "bf16_mixed" and self.model.dtype != "float32":
+            raise ValueError("trainer.precision 'bf16_mixed' keeps fp32 master weights: set model.dtype to float32 "
+                             f"(got {self.model.dtype!r})")
 
     @property
     def run_dir(self) -> Path:

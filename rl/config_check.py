@@ -29,6 +29,11 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
             problems.append(f"algorithm.logit_losses.{name} needs teachers with topk > 0 "
                             f"(not: {without_topk or 'no teachers'})")
 
+    from rl.placement import plan_placement, validate_placement
+
+    problems.extend(f"placement: {p}" for p in validate_placement(cfg))
+    notes.append(plan_placement(cfg).format())
+
     from rewards.registry import get_reward
 
     for domain, spec in cfg.rewards.routes.items():
@@ -79,9 +84,6 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
     backends = {cfg.rollout.backend} | {t.backend for t in cfg.teachers}
     if "vllm" in backends and importlib.util.find_spec("vllm") is None:
         notes.append("vLLM is not installed here: `pip install -e \".[vllm]\"` where the job runs")
-    gpus = cfg.rollout.num_workers * cfg.rollout.gpus_per_worker + sum(t.num_workers * t.gpus_per_worker for t in cfg.teachers)
-    if gpus:
-        notes.append(f"GPUs requested by Ray actors: {gpus:g} (rollout + teachers), plus the trainer's")
     return problems, notes
 
 

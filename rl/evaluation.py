@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,15 +30,21 @@ def breakdown_label(key: str, value: Any) -> str:
 
 @torch.no_grad()
 def generate_completions(
-    model, renderer: ChatRenderer, samples: list[Sample], settings: SamplingSettings, batch_size: int, view: str = "native"
+    model, renderer: ChatRenderer, samples: list[Sample], settings: SamplingSettings, batch_size: int,
+    view: str = "native", generate: Callable | None = None,
 ) -> list[str]:
-    """Model answers to `samples` (rendered in `view`), decoded without special tokens."""
-    engine = HFEngine(model=model, batch_size=batch_size)
+    """Answers to `samples` (rendered in `view`), decoded without special tokens: from `model` where it is (an hf
+    engine around it, on its own device), or from `generate(prompts, settings) -> Generations` (the trainer's
+    evaluation engine, which holds the student's synced weights)."""
     settings = dataclasses.replace(settings, suppress_token_ids=renderer.placeholder_ids)
     prompts = [renderer.render(view_messages(s, view), s.tools) for s in samples]
-    was_training = model.training
-    gens = engine.generate(prompts, settings)
-    model.train(was_training)
+    if generate is None:
+        engine = HFEngine(model=model, batch_size=batch_size, device=next(model.parameters()).device)
+        was_training = model.training
+        gens = engine.generate(prompts, settings)
+        model.train(was_training)
+    else:
+        gens = generate(prompts, settings)
     return [renderer.decode_response(ids) for ids in gens.response_ids]
 
 
@@ -87,6 +94,7 @@ def _sort_key(label: str) -> tuple:
         return (1, 0.0, label)
 
 
-def evaluate_model(model, renderer, samples, scorer, routes, settings, batch_size, view="native") -> dict[str, Any]:
-    completions = generate_completions(model, renderer, samples, settings, batch_size, view)
+def evaluate_model(model, renderer, samples, scorer, routes, settings, batch_size, view="native",
+                   generate: Callable | None = None) -> dict[str, Any]:
+    completions = generate_completions(model, renderer, samples, settings, batch_size, view, generate)
     return score_completions(samples, completions, scorer, routes)

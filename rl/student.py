@@ -29,15 +29,18 @@ def resolve_tokenizer(cfg, data_dir: str = ".cache/embedded"):
     return load_tokenizer(choice)
 
 
-def build_student(cfg, tokenizer):
-    """The student as the config asks: loaded from `model.path` or built from `model.tiny`; vision frozen."""
+def build_student(cfg, tokenizer, device: torch.device | str | None = None):
+    """The student as the config asks: loaded from `model.path` or built from `model.tiny`; vision frozen.
+    `device`: where a model built from scratch is initialised (the training device: no CPU-side init of a large
+    random model); the same seed gives the same weights on every rank."""
     if cfg.model.path is not None:
         if not Path(cfg.model.path).exists():
             raise FileNotFoundError(f"model.path: {cfg.model.path} not found")
         model = load_model(cfg.model.path, dtype=DTYPES[cfg.model.dtype])
     else:
         spec = TinyModelSpec(**{k: v for k, v in vars(cfg.model.tiny).items()})
-        model = build_model(spec, tokenizer, seed=cfg.run.seed).to(DTYPES[cfg.model.dtype])
+        with torch.device(device or "cpu"):
+            model = build_model(spec, tokenizer, seed=cfg.run.seed).to(DTYPES[cfg.model.dtype])
     dsa = cfg.model.dsa
     if dsa.enabled and not getattr(model.config, "dsa", None):
         from models.dsa import attach_dsa
@@ -91,4 +94,28 @@ def save_student(model, tokenizer, folder: Path) -> None:
 
 def student_state_dict(model) -> dict[str, torch.Tensor]:
     """Weights in the plain model's naming (what rollout engines load)."""
-    return {k: v.detach() for k, v in merged_model(model).state_dict().items()}
+    return {k: v.detach() for k, v in merged_state_items(model)}
+
+
+def merged_state_items(model):
+    """(name, tensor) of the weights in the plain model's naming, one at a time. Sharded (FSDP2) tensors come
+    back as they are (DTensors) and the caller gathers them one by one; with LoRA (one training rank only, see
+    `JobConfig.validate`) they come from a merged copy."""
+    if not hasattr(model, "peft_config"):
+        yield from model.state_dict().items()
+        return
+    yield from merged_model(model).state_dict().items()
+
+
+def student_vision_layout(cfg, tokenizer):
+    """The student's vision layout (None for a text-only student) from its config alone: the controller renders
+    prompts without holding the model."""
+    from models.factory import vision_layout_of
+
+    if cfg.model.path is not None:
+        from transformers import AutoConfig
+
+        return vision_layout_of(AutoConfig.from_pretrained(cfg.model.path))
+    from models.factory import tiny_config
+
+    return vision_layout_of(tiny_config(TinyModelSpec(**vars(cfg.model.tiny)), tokenizer))

@@ -13,8 +13,6 @@ import os
 from typing import Any
 from collections.abc import Callable
 
-import ray
-
 
 class WorkerError(RuntimeError):
     """A hosted worker failed; the message says which pool, which worker and what it was doing."""
@@ -25,7 +23,6 @@ def build_object(target: str, kwargs: dict[str, Any]) -> Any:
     return getattr(importlib.import_module(module), name)(**kwargs)
 
 
-@ray.remote
 class HostActor:
     """Hosts one object built from `target` ("module:Class"); `call` runs one of its methods."""
 
@@ -46,8 +43,24 @@ class HostActor:
         return os.getpid()
 
 
+def host_actor():
+    """The Ray actor class around `HostActor` (Ray is imported only by jobs that use actors)."""
+    global _REMOTE_HOST
+    if _REMOTE_HOST is None:
+        import ray
+
+        _REMOTE_HOST = ray.remote(HostActor)
+    return _REMOTE_HOST
+
+
+_REMOTE_HOST = None
+
+
 def ensure_ray(address: str | None) -> None:
-    """Start (or connect to) Ray once per process. Locally, actors reserve no CPU: the loop runs them in turn."""
+    """Start (or connect to) Ray once per process. Locally, actors reserve no CPU: the loop runs them in turn.
+    The job's actors die with the driver: Ray ends a driver's non-detached actors when its process exits."""
+    import ray
+
     if ray.is_initialized():
         return
     if address:
@@ -74,7 +87,10 @@ class ActorPool:
         threads: int = 0,
         gpus_per_worker: float = 0.0,
         ray_address: str | None = None,
+        bundles: list[tuple[Any, int]] | None = None,
     ):
+        """`bundles`: (placement group, bundle index) per worker from the job's placement plan
+        (`rl.placement.ray_bundles`); GPU workers need them."""
         self.name = name
         self.local = None
         self.actors: list[Any] = []
@@ -82,22 +98,22 @@ class ActorPool:
             self.local = build_object(target, kwargs)
             return
         ensure_ray(ray_address)
+        actor_class = host_actor()
         options: dict[str, Any] = {"num_cpus": 0, "num_gpus": gpus_per_worker, "max_concurrency": 1}
         if gpus_per_worker > 0:
-            from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            group = placement_group([{"GPU": gpus_per_worker, "CPU": 1}] * num_workers, strategy="PACK")
-            ray.get(group.ready())
+            if bundles is None or len(bundles) != num_workers:
+                raise ValueError(f"{name}: {num_workers} GPU workers need as many placement bundles from the plan")
             self.actors = [
-                HostActor.options(
+                actor_class.options(
                     **options,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
                 ).remote(target, kwargs, threads)
-                for i in range(num_workers)
+                for group, i in bundles
             ]
         else:
-            self.actors = [HostActor.options(**options).remote(target, kwargs, threads) for i in range(num_workers)]
+            self.actors = [actor_class.options(**options).remote(target, kwargs, threads) for i in range(num_workers)]
         # Surface construction errors (missing model folder, bad kwargs) now, with the pool's name.
         self._gather([a.pid.remote() for a in self.actors], ["starting"] * len(self.actors))
 
@@ -138,10 +154,14 @@ class ActorPool:
         if self.local is not None:
             getattr(self.local, method)(*args)
             return
+        import ray
+
         refs = [ray.put(a) for a in args]
         self._gather([a.call.remote(method, *refs) for a in self.actors], [f"worker {i} {what or method}" for i in range(len(self.actors))])
 
     def _gather(self, futures: list[Any], doing: list[str]) -> list[Any]:
+        import ray
+
         out = []
         for future, what in zip(futures, doing):
             try:
@@ -154,6 +174,8 @@ class ActorPool:
         return out
 
     def shutdown(self) -> None:
+        if self.actors:
+            import ray
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []

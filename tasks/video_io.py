@@ -27,7 +27,6 @@ from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 from tasks.base import Sample, VideoPart
@@ -104,6 +103,8 @@ def _declared_duration(container, stream) -> float | None:
     if stream.duration is not None and stream.time_base is not None:
         return float(stream.duration * stream.time_base)
     if container.duration is not None:
+        import av
+
         return container.duration / av.time_base
     if stream.frames and stream.average_rate:
         return float(stream.frames / stream.average_rate)
@@ -135,6 +136,8 @@ def decode_video(
     """Decode, sample and resize the first video stream of `path` (see module doc for the rules).
 
     fps: sampling rate; None takes every frame (the stream's own rate), still capped at `max_frames`."""
+    import av  # PyAV only where a video file is decoded (text-only jobs run without it)
+
     path = str(path)
     if not os.path.isfile(path):
         raise VideoDecodeError(path, "file not found", sample_id)

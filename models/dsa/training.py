@@ -16,6 +16,8 @@ Typical step (sparse stage):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -68,35 +70,55 @@ def set_loss_mode(model: nn.Module, mode: str | None) -> None:
         m.dsa_last_metrics = {}
 
 
-def indexer_kl_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    mode: str = "dense_warmup", return_outputs: bool = False, **forward_kwargs):
-    """Run one forward in the given stage and return the indexer KL averaged over layers.
+class IndexerLossCapture:
+    """Collects the indexer KL of every DSA layer during one forward run inside `capture_indexer_loss`."""
 
-    input_ids [B, L], attention_mask [B, L] (1 = token) -> (loss, metrics) or (loss, metrics, outputs);
-    metrics holds floats: indexer_kl, and for the warm-up topk_attention_mass (share of the dense attention that
-    falls inside the indexer's top-k, averaged over queries and layers). Extra kwargs go to the model forward
-    (pixel_values, labels, ...). The layers are back in inference mode afterwards.
-    """
+    def __init__(self, mods: list[nn.Module], mode: str):
+        self.mods, self.mode = mods, mode
+        self.loss: torch.Tensor | None = None
+        self.metrics: dict[str, float] = {}
+
+    def collect(self) -> None:
+        losses = [m.dsa_last_loss for m in self.mods if m.dsa_last_loss is not None]
+        if len(losses) != len(self.mods):
+            raise RuntimeError(f"indexer loss came back from {len(losses)} of {len(self.mods)} DSA layers")
+        self.loss = torch.stack([x.float() for x in losses]).mean()
+        self.metrics = {"indexer_kl": float(self.loss.detach())}
+        if self.mode == "dense_warmup":
+            mass = torch.stack([m.dsa_last_metrics["topk_attention_mass"].float() for m in self.mods]).mean()
+            self.metrics["topk_attention_mass"] = float(mass)
+
+
+@contextmanager
+def capture_indexer_loss(model: nn.Module, mode: str):
+    """Run the forwards inside in stage `mode` and collect the layers' indexer KL (`capture.loss`, averaged over
+    layers, and `capture.metrics`: indexer_kl, and for the warm-up topk_attention_mass - the share of the dense
+    attention inside the indexer's top-k). The layers are back in inference mode afterwards."""
     _check_stage(mode)
     mods = dsa_attention_modules(model)
     if not mods:
         raise ValueError(f"{type(model).__name__} has no DSA attached (call models.dsa.attach_dsa first)")
     set_loss_mode(model, mode)
+    capture = IndexerLossCapture(mods, mode)
     try:
-        forward_kwargs.setdefault("use_cache", False)
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
-        losses = [m.dsa_last_loss for m in mods if m.dsa_last_loss is not None]
-        if len(losses) != len(mods):
-            raise RuntimeError(f"indexer loss came back from {len(losses)} of {len(mods)} DSA layers")
-        loss = torch.stack([x.float() for x in losses]).mean()
-        metrics: dict[str, float] = {"indexer_kl": float(loss.detach())}
-        if mode == "dense_warmup":
-            mass = torch.stack([m.dsa_last_metrics["topk_attention_mass"].float() for m in mods]).mean()
-            metrics["topk_attention_mass"] = float(mass)
+        yield capture
+        capture.collect()
     finally:
         for m in mods:
             m.dsa_loss_mode = None
             m.dsa_mode = "sparse"
             m.dsa_last_loss = None
             m.dsa_last_metrics = {}
-    return (loss, metrics, outputs) if return_outputs else (loss, metrics)
+
+
+def indexer_kl_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    mode: str = "dense_warmup", return_outputs: bool = False, **forward_kwargs):
+    """Run one forward in the given stage and return the indexer KL averaged over layers.
+
+    input_ids [B, L], attention_mask [B, L] (1 = token) -> (loss, metrics) or (loss, metrics, outputs); see
+    `capture_indexer_loss`. Extra kwargs go to the model forward (pixel_values, labels, ...).
+    """
+    forward_kwargs.setdefault("use_cache", False)
+    with capture_indexer_loss(model, mode) as capture:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+    return (capture.loss, capture.metrics, outputs) if return_outputs else (capture.loss, capture.metrics)
