@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from core.registry import Registry
 from rewards.errors import InvalidAnswer, RewardError, RewardSpecError
 
 
@@ -206,7 +207,7 @@ class RegisteredReward:
     fn: Callable
 
 
-_REWARDS: dict[str, RegisteredReward] = {}
+REWARDS: Registry[RegisteredReward] = Registry("reward")
 
 
 def register_reward(name: str, description: str) -> Callable[[Callable], Callable]:
@@ -216,10 +217,8 @@ def register_reward(name: str, description: str) -> Callable[[Callable], Callabl
         raise ValueError(f"reward {name!r}: description must be one non-empty line")
 
     def wrap(fn: Callable) -> Callable:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is registered twice")
         detect_style(fn)
-        _REWARDS[name] = RegisteredReward(name, description, fn)
+        REWARDS.register(name, RegisteredReward(name, description, fn))
         return fn
 
     return wrap
@@ -227,7 +226,7 @@ def register_reward(name: str, description: str) -> Callable[[Callable], Callabl
 
 def list_rewards() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered reward, sorted by name."""
-    return [(r.name, r.description) for r in sorted(_REWARDS.values(), key=lambda r: r.name)]
+    return [(name, REWARDS.get(name).description) for name in REWARDS.names()]
 
 
 def format_reward_table() -> str:
@@ -265,10 +264,9 @@ def resolve_function(spec: str, base_dir: str | Path | None = None) -> tuple[Cal
         raise RewardSpecError(f"reward spec {spec!r} is not a non-empty string")
     spec = spec.strip()
     if ":" not in spec:
-        if spec not in _REWARDS:
-            known = ", ".join(sorted(_REWARDS)) or "(none)"
-            raise RewardSpecError(f"unknown reward {spec!r}; registered: {known}")
-        return _REWARDS[spec].fn, spec
+        if spec not in REWARDS:
+            raise RewardSpecError(REWARDS.unknown(spec))
+        return REWARDS.get(spec).fn, spec
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise RewardSpecError(f"reward spec {spec!r}: expected 'module:function' or 'file.py:function'")

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from core.registry import Registry
+
 
 @dataclass
 class VideoPart:
@@ -75,24 +77,14 @@ class TaskSource:
         raise NotImplementedError
 
 
-_TASK_SOURCES: dict[str, Callable[..., TaskSource]] = {}
+TASK_SOURCES: Registry[Callable[..., TaskSource]] = Registry("task source")
 
 
 def register_task_source(name: str) -> Callable[[Callable[..., TaskSource]], Callable[..., TaskSource]]:
-    """Decorator: make a task source constructible by name from YAML (`tasks.train: [{source: NAME, ...}]`)."""
-
-    def wrap(factory: Callable[..., TaskSource]) -> Callable[..., TaskSource]:
-        if name in _TASK_SOURCES:
-            raise ValueError(f"task source {name!r} is registered twice")
-        _TASK_SOURCES[name] = factory
-        return factory
-
-    return wrap
+    """Decorator: make a task source constructible by name from YAML (`data.train: [{source: NAME, ...}]`)."""
+    return TASK_SOURCES.register(name)
 
 
 def get_task_source(name: str) -> Callable[..., TaskSource]:
-    """The factory registered under `name`; the error lists the known names."""
-    if name not in _TASK_SOURCES:
-        known = ", ".join(sorted(_TASK_SOURCES)) or "(none)"
-        raise KeyError(f"unknown task source {name!r}; known: {known}")
-    return _TASK_SOURCES[name]
+    """The factory registered under `name`; the error names the closest known name."""
+    return TASK_SOURCES.get(name)
