@@ -27,25 +27,23 @@ import yaml
 from models.batching import pack, response_logits, token_logprobs
 from models.chat import ChatRenderer
 from models.factory import quiet_libraries, vision_layout
+from rewards.inputs import RewardTrainerState, reward_requests
 from rewards.scorer import RewardScorer
 from rl.algorithms import aggregate_token_loss, get_advantage_estimator, get_logit_loss, get_policy_loss, masked_mean
 from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rl.config import JobConfig
 from rl.data import PromptStream, load_tasks
-from rl.evaluation import evaluate_model
+from rl.evaluation import evaluate_samples, prepare_eval_samples, video_options
 from rl.logger import MetricsLogger
 from rl.rollouts import Rollouts
-from tasks.prefetch import PrefetchingStream, decode_samples
+from tasks.prefetch import PrefetchingStream
 from rl.student import build_student, resolve_tokenizer, save_student, student_state_dict
 from rollout.actors import ActorPool
 from rollout.base import SamplingSettings
 from rollout.worker import combine_generations
+from teachers.backends import teacher_backend_target
 from teachers.base import combine_scores
 from teachers.routing import Route, TeacherRouter
-
-
-# Teacher backends by config name: "module:Class" hosted in the teacher actors.
-TEACHER_BACKENDS = {"hf": "teachers.hf_teacher:HFTeacher", "vllm": "teachers.vllm_teacher:VLLMTeacher"}
 
 
 class Trainer:
@@ -64,10 +62,7 @@ class Trainer:
         self.train_samples = load_tasks(cfg.data.train, cfg.run.seed, weighted=True)
         self.eval_samples = load_tasks(cfg.data.eval, cfg.run.seed)
         self.stream = self._prompt_stream()
-        self.scorer = RewardScorer(
-            cfg.rewards.routes, num_workers=cfg.rewards.num_workers, timeout_s=cfg.rewards.timeout_s,
-            on_error=cfg.rewards.on_error,
-        )
+        self.scorer = RewardScorer.from_config(cfg.rewards)
         self._check_reward_routes()
         self.estimator = get_advantage_estimator(cfg.algorithm.advantage)
         self.policy_loss = get_policy_loss(cfg.algorithm.policy_loss)
@@ -103,12 +98,8 @@ class Trainer:
         held-out videos are decoded once here. Unusable videos are skipped, counted and reported."""
         d = self.cfg.data
         layout = vision_layout(self.model)
-        size = tuple(d.video_size) if isinstance(d.video_size, list) else (d.video_size or (32, 32))
-        video = dict(fps=d.video_fps, max_frames=d.video_max_frames, size=size,
-                     multiple=layout.patch_size * layout.merge_size if layout else 32)
-        self.eval_samples, skipped = decode_samples(self.eval_samples, workers=d.decode_workers, **video)
-        if skipped:
-            print(f"eval: skipped {len(skipped)} samples with unusable videos, e.g. {skipped[:3]}", flush=True)
+        video = video_options(d, layout)
+        self.eval_samples = prepare_eval_samples(self.eval_samples, d, layout)
         return PrefetchingStream(PromptStream(self.train_samples, self.cfg.run.seed), workers=d.decode_workers,
                                  prefetch_batches=d.prefetch_batches, **video)
 
@@ -182,7 +173,7 @@ class Trainer:
             kwargs = {"name": t.name, "path": t.path, "view": t.view, "topk": t.topk, "batch_size": t.batch_size,
                       "template_kwargs": t.template_kwargs, **t.engine_args}
             pools[t.name] = ActorPool(
-                f"teacher {t.name}", TEACHER_BACKENDS[t.backend], kwargs, num_workers=t.num_workers,
+                f"teacher {t.name}", teacher_backend_target(t.backend), kwargs, num_workers=t.num_workers,
                 threads=t.threads_per_worker, gpus_per_worker=t.gpus_per_worker, ray_address=self.cfg.rollout.ray_address,
             )
         router = TeacherRouter(routes)
@@ -312,13 +303,9 @@ class Trainer:
         )
 
     def _score_rewards(self, rollouts: Rollouts) -> None:
-        result = self.scorer.score(
-            [
-                {"id": s.id, "domain": s.domain, "prompt": _prompt_text(s), "completion": c, "reference": s.reference,
-                 "metadata": s.metadata, "reward": s.reward}
-                for s, c in zip(rollouts.samples, rollouts.completions)
-            ]
-        )
+        requests = reward_requests(rollouts.samples, rollouts.completions,
+                                   _unpadded_responses(rollouts, range(len(rollouts))))
+        result = self.scorer.score(requests, trainer_state=RewardTrainerState(self.step, self.cfg.trainer.steps))
         rollouts.rewards = torch.as_tensor(result.rewards, dtype=torch.float32)
         rollouts.reward_invalid = torch.as_tensor(result.invalid, dtype=torch.bool)
         rollouts.metrics.update(result.metrics())
@@ -561,17 +548,8 @@ class Trainer:
     def _evaluated(self, step: int) -> bool:
         return any(e["step"] == step for e in self.eval_history)
 
-    def _eval_settings(self) -> SamplingSettings:
-        return SamplingSettings(
-            max_new_tokens=self.cfg.eval.max_new_tokens, temperature=self.cfg.rollout.temperature,
-            greedy=self.cfg.eval.greedy, seed=self.cfg.run.seed, suppress_token_ids=self.renderer.placeholder_ids,
-        )
-
     def evaluate(self, step: int) -> dict[str, Any]:
-        report = evaluate_model(
-            self.model, self.renderer, self.eval_samples, self.scorer, self.cfg.rewards.routes, self._eval_settings(),
-            self.cfg.eval.batch_size,
-        )
+        report = evaluate_samples(self.cfg, self.model, self.renderer, self.eval_samples, self.scorer, step)
         result = {"step": step, "domains": report}
         if self.cfg.trainer.eval_teachers and self.cfg.teachers:
             if not self.teacher_eval:
@@ -596,10 +574,7 @@ class Trainer:
                 continue
             model = load_model(t.path).eval()
             renderer = ChatRenderer(load_tokenizer(t.path), vision_layout(model), t.template_kwargs)
-            out[t.name] = evaluate_model(
-                model, renderer, samples, self.scorer, self.cfg.rewards.routes, self._eval_settings(),
-                self.cfg.eval.batch_size, view=t.view,
-            )
+            out[t.name] = evaluate_samples(self.cfg, model, renderer, samples, self.scorer, self.step, view=t.view)
         return out
 
     def write_summary(self) -> dict[str, Any]:
@@ -651,14 +626,6 @@ def _k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, loss_
     """k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1, >= 0 and unbiased."""
     delta = ref_logp - logp
     return aggregate_token_loss(torch.exp(delta) - delta - 1, mask, loss_agg)
-
-
-def _prompt_text(sample) -> str:
-    parts = []
-    for m in sample.messages:
-        c = m["content"]
-        parts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
-    return "\n".join(parts)
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

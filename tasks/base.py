@@ -65,6 +65,31 @@ class Sample:
         return out
 
 
+def prompt_text(sample: Sample) -> str:
+    """The prompt as plain text: every message's text parts, one message per line (videos leave no text). What
+    rewards see as `prompt`, in training and evaluation alike."""
+    parts = []
+    for message in sample.messages:
+        content = message["content"]
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.append(" ".join(p.get("text", "") for p in content if p.get("type") == "text"))
+    return "\n".join(parts)
+
+
+def prompt_messages(sample: Sample) -> list[dict[str, Any]]:
+    """The prompt as chat messages of plain data (TRL's conversational `prompts`): text parts as they are, a
+    video as `{"type": "video"}` without its frames, so the record is small, picklable and JSON-able."""
+    out = []
+    for message in sample.messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [{"type": "video"} if p.get("type") == "video" else dict(p) for p in content]
+        out.append({**message, "content": content})
+    return out
+
+
 class TaskSource:
     """Yields samples of one split. Subclasses implement `__iter__` and `__len__`; training and eval share them."""
 

@@ -123,11 +123,52 @@ def test_errors_raise_naming_reward_and_sample(plugin_dir):
 
 
 def test_on_error_zero_counts_and_keeps_going(plugin_dir):
-    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, on_error="zero", base_dir=plugin_dir)
+    warnings = []
+    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, on_error="zero", base_dir=plugin_dir,
+                          max_error_frac=1.0, warn=warnings.append)
     result = scorer.score([sample(0, "d", "ok", "ok"), sample(1, "d", "boom", "x"), sample(2, "d", "nan", "x")])
     assert result.rewards.tolist() == [1.0, 0.0, 0.0]
     assert result.failed.tolist() == [False, True, True] and len(result.errors) == 2
     assert result.metrics()["reward/error_frac"] == pytest.approx(2 / 3)
+    assert len(warnings) == 1 and "reward 'plug.py:behave' failed on 2 of 3 samples" in warnings[0]
+    scorer.score([sample(3, "d", "boom", "x")])
+    assert len(warnings) == 1  # warned once per reward, counted every batch
+
+
+def test_on_error_zero_still_stops_a_reward_that_is_broken_for_every_sample(plugin_dir):
+    scorer = RewardScorer({"d": "plug.py:behave", "ok": "exact_match"}, num_workers=0, on_error="zero",
+                          base_dir=plugin_dir, warn=lambda m: None)
+    with pytest.raises(RewardError, match=r"reward 'plug.py:behave' failed on 2 of 2 samples, more than "
+                                          r"rewards.max_error_frac=0.5: it is broken, not flaky; first: .*KeyError"):
+        scorer.score([sample(0, "d", "boom", "x"), sample(1, "d", "boom", "x"), sample(2, "ok", "a", "a")])
+    result = scorer.score([sample(0, "d", "ok", "ok"), sample(1, "d", "ok", "ok"), sample(2, "d", "boom", "x")])
+    assert result.failed.tolist() == [False, False, True]  # 1 of 3 is under the limit: zeroed and counted
+
+
+def test_in_process_scoring_enforces_the_timeout(plugin_dir):
+    """num_workers=0 used to wait forever on a reward that never returns; now the call is abandoned."""
+    import time
+
+    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, timeout_s=0.5, base_dir=plugin_dir)
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"sample 's0' .*timed out after 0.5s \(in-process"):
+        scorer.score([sample(0, "d", "sleep", "x"), sample(1, "d", "ok", "ok")])
+    assert time.monotonic() - start < 5
+    zero = RewardScorer({"d": "plug.py:behave"}, num_workers=0, timeout_s=0.5, on_error="zero",
+                        max_error_frac=1.0, base_dir=plugin_dir, warn=lambda m: None)
+    result = zero.score([sample(0, "d", "sleep", "x"), sample(1, "d", "ok", "ok")])
+    assert result.rewards.tolist() == [0.0, 1.0] and result.failed.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_reward_module_that_blocks_at_import_is_an_error_not_a_hang(tmp_path, num_workers):
+    import time
+
+    (tmp_path / "stuck.py").write_text("import time\ntime.sleep(3600)\ndef r(completion, reference):\n    return 1.0\n")
+    start = time.monotonic()
+    with pytest.raises(RewardSpecError, match=r"loading reward 'stuck.py:r'.*timed out after 0.5s"):
+        RewardScorer({"d": "stuck.py:r"}, num_workers=num_workers, base_dir=tmp_path, load_timeout_s=0.5)
+    assert time.monotonic() - start < 5
 
 
 def test_wrong_length_from_trl_reward(plugin_dir):
