@@ -101,6 +101,12 @@ class BatchReward:
         return [o.value for o in results]
 
 
+def call_units(reward: BatchReward, n: int) -> list[tuple[int, int]]:
+    """The calls `n` samples are scored in: one per sample, or all at once for batched rewards (the unit a
+    timeout applies to, in a worker process and in-process alike)."""
+    return [(0, n)] if reward.batched else [(i, i + 1) for i in range(n)]
+
+
 def _accepts(fn: Callable) -> tuple[set[str], bool]:
     """Parameter names of `fn` and whether it takes `**kwargs`."""
     params = inspect.signature(fn).parameters.values()

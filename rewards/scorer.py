@@ -3,8 +3,8 @@
 A bad sample never crashes a run: InvalidAnswer becomes reward 0 counted by reason. A bad reward does: any other
 exception, a wrong-length return, NaN/inf or a non-number, or a timeout raises `RewardError` naming the reward and
 the sample (on_error="raise", the default), or yields 0 and is counted (on_error="zero", with a warning the first
-time a reward fails; a reward failing on more than `max_error_frac` of its samples in a batch is broken, not
-flaky, and raises all the same).
+time a reward fails; a reward that has failed on more than `max_error_frac` of its samples, once it has scored
+`judge_after` of them, is broken, not flaky, and raises all the same).
 
 Time limits hold in every mode: worker processes are killed past `timeout_s`; in-process scoring
 (`num_workers=0`) abandons the overrunning call in its thread (`rewards.timeouts`). Loading a spec (importing a
@@ -30,10 +30,9 @@ import numpy as np
 
 from rewards.errors import RewardError, RewardSpecError
 from rewards.pool import Job, WorkerPool
-from rewards.registry import BatchReward, Outcome, describe_exception, get_reward
+from rewards.registry import BatchReward, Outcome, call_units, describe_exception, get_reward
 from rewards.text import truncate
 from rewards.timeouts import RewardTimeout, call_with_timeout
-from rewards.worker import _units
 
 
 def _warn(message: str) -> None:
@@ -86,7 +85,8 @@ class RewardScorer:
     num_workers: worker processes; 0 scores in this process (timeouts enforced by abandoning the call's thread).
     timeout_s: limit on one reward call (one sample; a whole chunk for TRL-style batch rewards).
     on_error: "raise" (RewardError after the batch finishes) or "zero" (0 reward, counted in `errors`, warned
-        about; still RewardError when more than `max_error_frac` of one reward's samples in the batch failed).
+        about; still RewardError once more than `max_error_frac` of one reward's samples have failed, judged
+        from `judge_after` samples on, counted since the scorer started).
     load_timeout_s: limit on loading a spec (importing its module), here and in each worker.
     base_dir: folder relative file specs are resolved against (e.g. the config file's folder).
     preload: modules imported in each worker first (ones that `register_reward` the names routes use).
@@ -105,6 +105,7 @@ class RewardScorer:
         load_timeout_s: float = 30.0,
         max_error_frac: float = 0.5,
         warn=None,
+        judge_after: int = 8,
     ):
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
@@ -121,8 +122,10 @@ class RewardScorer:
         self.chunk_size = chunk_size
         self.load_timeout_s = float(load_timeout_s)
         self.max_error_frac = float(max_error_frac)
+        self.judge_after = int(judge_after)
         self._warn = warn or _warn
         self._warned: set[str] = set()
+        self._tally: dict[str, list[int]] = {}  # reward name -> [failed, scored] since this scorer started
         for module in self.preload:
             call_with_timeout(lambda module=module: __import__(module), self.load_timeout_s,
                               f"importing reward module {module!r}")
@@ -204,7 +207,7 @@ class RewardScorer:
         """In-process scoring, call by call (the units a worker would time), each under `timeout_s`."""
         out: dict[int, Outcome] = {}
         columns = [list(c) for c in zip(*(items[i] for i in indices))]
-        for start, end in _units(reward, len(indices)):
+        for start, end in call_units(reward, len(indices)):
             part = [c[start:end] for c in columns]
             try:
                 outcomes = call_with_timeout(lambda part=part: reward.outcomes(*part), self.timeout_s,
@@ -254,11 +257,14 @@ class RewardScorer:
                     invalid[i] = True
                     reasons.update(outcome.invalid)
             failures = len(errors) - first_error
+            tally = self._tally.setdefault(name, [0, 0])
+            tally[0] += failures
+            tally[1] += len(indices)
             if failures and self.on_error == "zero":
-                share = f"reward {name!r} failed on {failures} of {len(indices)} samples"
-                if failures / len(indices) > self.max_error_frac:
+                share = f"reward {name!r} failed on {tally[0]} of {tally[1]} samples so far"
+                if tally[1] >= self.judge_after and tally[0] / tally[1] > self.max_error_frac:
                     broken.append(f"{share}, more than rewards.max_error_frac={self.max_error_frac:g}: it is broken, "
-                                  f"not flaky; first: {errors[first_error]}")
+                                  f"not flaky; latest: {errors[first_error]}")
                 elif name not in self._warned:
                     self._warned.add(name)
                     self._warn(f"{share} (on_error=zero: scored 0, counted in reward/error_frac; warned once): "

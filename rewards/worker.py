@@ -18,13 +18,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from rewards.registry import BatchReward, Outcome, describe_exception, get_reward
-
-
-def _units(reward: BatchReward, n: int) -> list[tuple[int, int]]:
-    """The calls a job is split into: one per sample, or the whole job for batched rewards (the unit a timeout
-    applies to, in a worker and in-process alike)."""
-    return [(0, n)] if reward.batched else [(i, i + 1) for i in range(n)]
+from rewards.registry import BatchReward, Outcome, call_units, describe_exception, get_reward
 
 
 def serve(inbox: Connection, outbox: Connection) -> None:
@@ -49,7 +43,7 @@ def serve(inbox: Connection, outbox: Connection) -> None:
                 outbox.send(("fatal", job_id, f"loading reward {spec!r:.100} failed: {describe_exception(exc)}"))
                 continue
         prompts, completions, references, metas, extras = (list(column) for column in zip(*items))
-        units = _units(reward, len(items))
+        units = call_units(reward, len(items))
         outbox.send(("plan", job_id, [end - start for start, end in units]))
         for start, end in units:
             try:

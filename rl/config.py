@@ -272,8 +272,9 @@ class RewardsConfig:
         default="raise",
     )
     max_error_frac: float = _help(
-        "on_error 'zero': the largest share of one reward's samples in a batch that may fail; beyond it the reward "
-        "is broken, not flaky, and the run stops naming it (1 = never stop).", default=0.5, ge=0, le=1)
+        "on_error 'zero': the largest share of one reward's samples that may fail (counted over the run, judged "
+        "from its 8th sample on); beyond it the reward is broken, not flaky, and the run stops naming it "
+        "(1 = never stop).", default=0.5, ge=0, le=1)
 
 
 @dataclass
