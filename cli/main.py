@@ -6,8 +6,13 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import mopd  # noqa: F401  (registers the mopd advantage estimator)
+
+EXIT_ERROR = 1  # every failure of a subcommand (argparse keeps 2 for a malformed command line)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+TRACEBACK_ENV = "VLPOST_TRACEBACK"
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -20,7 +25,7 @@ def _train(args: argparse.Namespace) -> int:
     if problems:  # what `check` would report stops the run before any model, actor or data is loaded
         for p in problems:
             print(f"error: {args.config}: {p}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     from rl.placement import resolve_launcher
 
     if resolve_launcher(cfg) == "torchrun" and int(os.environ["RANK"]) > 0:
@@ -40,17 +45,21 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from cli.demo import check_plan, is_plan
     from rl.config import load_config
     from rl.config_check import check_config
 
-    cfg, _ = load_config(args.config, args.overrides)
-    problems, notes = check_config(cfg, require_files=args.require_files)
+    if is_plan(args.config):  # a demo plan: every stage, as `demo` will run it
+        problems, notes = check_plan(args.config, args.overrides, require_files=args.require_files)
+    else:
+        cfg, _ = load_config(args.config, args.overrides)
+        problems, notes = check_config(cfg, require_files=args.require_files)
     for note in notes:
         print(f"  {note}")
     if problems:
         for p in problems:
             print(f"error: {p}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     print(f"{args.config}: OK")
     return 0
 
@@ -71,7 +80,7 @@ def _rewards(args: argparse.Namespace) -> int:
 def _score(argv: list[str]) -> int:
     from evals.score import main as score_main
 
-    return score_main(argv) or 0
+    return EXIT_ERROR if score_main(argv) else 0  # it printed its own one-line error
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -151,21 +160,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The one exit path: a subcommand's error is one line `error: ...` and exit code 1 (Ctrl-C: 130).
+    `--traceback` (anywhere on the command line) or VLPOST_TRACEBACK=1 prints the traceback instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    show_traceback = "--traceback" in argv or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from models.factory import quiet_libraries
 
     quiet_libraries()
-    if argv and argv[0] == "score":
-        return _score(argv[1:])
-    args = build_parser().parse_args(argv)
-    from rl.config_loader import ConfigError
-
     try:
+        if argv and argv[0] == "score":
+            return _score(argv[1:])
+        args = build_parser().parse_args(argv)
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if show_traceback:
+            traceback.print_exc()
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # noqa: BLE001 - the one place errors become exit codes
+        if show_traceback:
+            traceback.print_exc()
+        print(f"error: {describe_error(err)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# Errors that carry a message meant for the user (what went wrong and where); anything else is reported with its
+# type and a pointer to the traceback, because it is more likely a bug than a mistake in the job.
+NAMED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError, RuntimeError, ImportError,
+                                                 TimeoutError)
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for `err`: its message for named errors, `Type: message (...)` otherwise."""
+    message = err.args[0] if isinstance(err, KeyError) and err.args and isinstance(err.args[0], str) else str(err)
+    message = " ".join(message.split()) or type(err).__name__
+    if isinstance(err, NAMED_ERRORS):
+        return message
+    return f"{type(err).__name__}: {message} (unexpected: rerun with --traceback or {TRACEBACK_ENV}=1 to see where)"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ directory whose name is exactly `step_<digits>` is complete (temp names never ma
 first vs last step beside its teachers) and the watcher's own `eval/watch_state.json`. A checkpoint counts as
 scored once its result file exists; that file is written (atomically) before the state file, so a crash in
 between can never lead to scoring it twice.
+
+Rotation (`trainer.keep_checkpoints`) may delete a checkpoint before or while it is scored: either way it is
+skipped with a log line, and `expected_steps` (the run's checkpoint cadence) lets the watcher name the
+checkpoints it never saw at all. `finished` (the run has ended: `final` points at its last step) ends the watch
+once every checkpoint is scored.
 """
 
 from __future__ import annotations
@@ -86,6 +91,17 @@ def summarize(results: list[dict[str, Any]], run_dir: Path | str = "") -> dict[s
     return {"run": str(run_dir), "domains": domains}
 
 
+def _being_removed(path: Path, grace_s: float = 2.0) -> bool:
+    """Whether a checkpoint that failed to load is going away (rotation deletes it file by file, so it may still
+    exist for a moment): it is gone, or goes within `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    while path.exists():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _load_state(run_dir: Path, results_dir: str) -> dict[str, Any]:
     path = Path(run_dir) / results_dir / STATE_FILE
     if path.is_file():
@@ -93,38 +109,81 @@ def _load_state(run_dir: Path, results_dir: str) -> dict[str, Any]:
     return {"scored": {}}
 
 
+def run_finished(run_dir: Path, steps: int) -> bool:
+    """The trainer has ended the run: `final` links to a checkpoint of step >= `steps` (`trainer.steps`)."""
+    final = Path(run_dir) / "final"
+    if not final.is_symlink() and not final.exists():
+        return False
+    match = CHECKPOINT_DIR.fullmatch(Path(os.readlink(final)).name if final.is_symlink() else final.name)
+    return bool(match) and int(match.group(1)) >= steps
+
+
+def cadence_steps(checkpoint_every: int, eval_every: int, steps: int) -> Callable[[int], set[int]]:
+    """The steps a run checkpoints up to a given step: 0, every `checkpoint_every`, every evaluated step
+    (`eval_every`) and the last (`steps`); what the watcher expects to have seen."""
+    def expected(up_to: int) -> set[int]:
+        found = {0}
+        for every in (checkpoint_every, eval_every):
+            if every:
+                found.update(range(every, min(up_to, steps) + 1, every))
+        if up_to >= steps:
+            found.add(steps)
+        return {s for s in found if s <= up_to}
+
+    return expected
+
+
 def watch(run_dir: str | Path, evaluate_fn: EvaluateFn, poll_s: float = 30.0, stop_after: int | None = None,
           max_idle_s: float | None = None, results_dir: str = "eval",
-          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+          log: Callable[[str], None] = print, finished: Callable[[], bool] | None = None,
+          expected_steps: Callable[[int], set[int]] | None = None) -> list[dict[str, Any]]:
     """Poll `run_dir/checkpoints` and score each new checkpoint with `evaluate_fn(checkpoint_dir) -> dict`.
 
     stop_after: return after scoring this many checkpoints in this call (None: keep watching).
     max_idle_s: also return when no new checkpoint appeared for this long (None: wait forever).
     results_dir: folder under the run for results (another name keeps benchmark results apart from the
     trainer's in-loop eval, which also writes `eval/<step>.json`).
-    A checkpoint deleted before its turn (checkpoint rotation) is skipped and logged, not marked scored.
+    A checkpoint deleted before its turn or while being scored (checkpoint rotation) is skipped and logged, not
+    marked scored; with `expected_steps(newest_seen_step)`, steps the watcher never saw are logged too.
+    finished: return once it is true and every checkpoint listed after it became true is scored (the run ended).
     Returns the results scored in this call. `step` and `checkpoint` are filled in when the result lacks them.
     """
     run_dir = Path(run_dir)
     out = run_dir / results_dir
     state = _load_state(run_dir, results_dir)
     scored_now: list[dict[str, Any]] = []
+    seen: set[int] = {int(step) for step in state["scored"]}
+    reported: set[int] = set()
     idle_since = time.monotonic()
     while True:
+        ended = finished is not None and finished()  # before listing: a checkpoint saved after it is listed
         pending = []
         for step, path in list_checkpoints(run_dir):
+            seen.add(step)
             if str(step) in state["scored"]:
                 continue
             if result_path(run_dir, step, results_dir).is_file():  # written before a crash: counts as scored
                 state["scored"][str(step)] = str(path)
             else:
                 pending.append((step, path))
+        if expected_steps is not None and seen:
+            missed = sorted(expected_steps(max(seen)) - seen - reported)
+            if missed:
+                reported.update(missed)
+                log(f"[watch] checkpoint(s) of step {', '.join(map(str, missed))} were rotated away before this "
+                    "watcher saw them (not scored): keep more (trainer.keep_checkpoints) or poll faster (--poll)")
         for step, path in pending:
             if not path.is_dir():
                 log(f"[watch] {path} was removed before it could be scored; skipped")
                 continue
             log(f"[watch] scoring {path}")
-            result = dict(evaluate_fn(path))
+            try:
+                result = dict(evaluate_fn(path))
+            except Exception:
+                if not _being_removed(path):
+                    raise
+                log(f"[watch] {path} was removed while it was being scored (checkpoint rotation); skipped")
+                continue
             result.setdefault("step", step)
             result.setdefault("checkpoint", str(path))
             atomic_write_json(result_path(run_dir, step, results_dir), result)
@@ -135,6 +194,9 @@ def watch(run_dir: str | Path, evaluate_fn: EvaluateFn, poll_s: float = 30.0, st
             idle_since = time.monotonic()
             if stop_after is not None and len(scored_now) >= stop_after:
                 return scored_now
+        if ended:
+            log(f"[watch] the run has ended; scored {len(scored_now)} checkpoint(s) in this watch")
+            return scored_now
         if max_idle_s is not None and time.monotonic() - idle_since >= max_idle_s:
             return scored_now
         time.sleep(poll_s)

@@ -43,7 +43,7 @@ def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.T
         raise ValueError("the mopd estimator found no teacher log-probs: configure at least one teacher")
     student = rollouts.old_logprobs
     advantages = torch.zeros_like(student)
-    topk = int(cfg_get(cfg, "mopd_topk", 0))
+    topk = int(cfg_get(cfg, "mopd_topk"))
     agreement = torch.zeros_like(student) if topk else None
     for name, teacher_logp in rollouts.teacher_logprobs.items():
         weight = rollouts.teacher_weights[name].to(student.dtype).unsqueeze(-1)  # [B, 1]
@@ -55,18 +55,18 @@ def mopd_advantage(rewards, group_ids, mask, cfg=None, rollouts=None) -> torch.T
                 rollouts.response_ids, rollouts.student_topk_ids[..., :topk], rollouts.teacher_topk_ids[name][..., :topk]
             )
             agreement = agreement + weight * both
-    clip = float(cfg_get(cfg, "mopd_adv_clip", 0.0))
+    clip = float(cfg_get(cfg, "mopd_adv_clip"))
     if clip > 0:
         advantages = advantages.clamp(-clip, clip)
-    if cfg_get(cfg, "mopd_baseline", "none") == "group":
+    if cfg_get(cfg, "mopd_baseline") == "group":
         advantages = advantages - group_position_baseline(advantages, group_ids, mask)
     if topk:
         keep = (agreement > 0.5).float()
         base = rollouts.loss_mask if rollouts.loss_mask is not None else mask
         rollouts.loss_mask = base * keep
         rollouts.metrics["mopd/topk_kept_frac"] = float((keep * mask).sum() / mask.sum().clamp(min=1))
-    advantages = advantages * float(cfg_get(cfg, "mopd_token_weight", 1.0))
-    outcome_weight = float(cfg_get(cfg, "outcome_weight", 0.0))
+    advantages = advantages * float(cfg_get(cfg, "mopd_token_weight"))
+    outcome_weight = float(cfg_get(cfg, "outcome_weight"))
     if outcome_weight:
         advantages = advantages + outcome_weight * group_normalized_advantage(rewards, group_ids, mask, cfg)
     rollouts.metrics.update(reverse_kl_by_domain(rollouts))

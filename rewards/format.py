@@ -100,8 +100,8 @@ class CombinedReward(BatchReward):
         self.batched = any(reward.batched for reward, _ in self.parts)
         self.name = " + ".join(f"{weight:g}*{reward.name}" for reward, weight in self.parts)
 
-    def outcomes(self, prompts, completions, references, metas) -> list[Outcome]:
-        per_part = [(reward.outcomes(prompts, completions, references, metas), w) for reward, w in self.parts]
+    def outcomes(self, prompts, completions, references, metas, extras=None) -> list[Outcome]:
+        per_part = [(reward.outcomes(prompts, completions, references, metas, extras), w) for reward, w in self.parts]
         results = []
         for i in range(len(completions)):
             value, invalid, errors = 0.0, [], []

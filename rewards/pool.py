@@ -6,7 +6,7 @@ talking over two pipes; a worker silent for longer than the timeout is SIGKILLed
 is reported as timed out and the rest of its job is queued again.
 
 The timeout covers one call of the reward function: one sample for per-sample rewards, the whole job for
-batched (TRL-style) ones. Loading a reward spec in a fresh worker gets `max(timeout_s, 30)`.
+batched (TRL-style) ones. Loading a reward spec in a fresh worker gets `load_timeout_s` (default 30 s).
 """
 
 from __future__ import annotations
@@ -54,12 +54,13 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, num_workers: int, timeout_s: float, base_dir: str | None = None, preload: tuple[str, ...] = ()):
+    def __init__(self, num_workers: int, timeout_s: float, base_dir: str | None = None, preload: tuple[str, ...] = (),
+                 load_timeout_s: float = 30.0):
         if num_workers < 1:
             raise ValueError("WorkerPool needs num_workers >= 1")
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
-        self.load_timeout_s = max(self.timeout_s, 30.0)
+        self.load_timeout_s = float(load_timeout_s)
         self.init = {
             "sys_path": [os.path.abspath(p or ".") for p in sys.path],
             "preload": list(preload),

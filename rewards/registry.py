@@ -8,15 +8,16 @@ Three user signatures are accepted, told apart by parameter names:
 
 - native per-sample: `fn(completion: str, reference, **meta) -> float` (a `prompt` parameter, when declared, gets
   the prompt); the built-ins use this;
-- TRL-style batch: `fn(prompts, completions, **kwargs) -> list[float]` (detected by a `completions` parameter);
-  kwargs are dataset columns: `reference=[...]`, `ground_truth=[...]` (the same list) and every metadata key as a
-  list column (None where a sample lacks the key);
+- TRL-style batch: `fn(prompts, completions, completion_ids, trainer_state, **columns) -> list[float]` (detected
+  by a `completions` or `completion_ids` parameter), TRL's calling convention in full (`rewards.inputs`): chat
+  prompts make completions `[{"role": "assistant", "content": ...}]`; columns are every task field, every
+  metadata key (None where a sample lacks it) and the reference as `reference` / `solution` / `ground_truth`;
 - verl-style: `compute_score(data_source, solution_str, ground_truth, extra_info) -> float | {"score": float}`
   (detected by `solution_str`); `data_source` is `meta["data_source"]`, else `meta["domain"]`; `extra_info` is meta.
 
 A function declaring only some of the keys gets only those; one with `**kwargs` gets them all. A TRL-style
-function that raises InvalidAnswer marks its whole batch invalid; a None in its returned list is an error (routing
-is by domain here, so TRL's "not applicable" None has no use).
+function that raises InvalidAnswer marks its whole batch invalid; a None in its returned list is TRL's "not
+applicable": that sample scores 0 and is counted invalid.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from core.registry import Registry
 from rewards.errors import InvalidAnswer, RewardError, RewardSpecError
+from rewards.inputs import trl_columns, trl_prompts_and_completions
 
 
 class Outcome(NamedTuple):
@@ -79,19 +82,29 @@ class BatchReward:
     batched: bool = False
 
     def outcomes(
-        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Any], metas: Sequence[dict]
+        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Any], metas: Sequence[dict],
+        extras: Sequence[dict] | None = None,
     ) -> list[Outcome]:  # pragma: no cover - interface
+        """`extras[i]`: what only TRL-style rewards read (`messages`, `completion_ids`, `fields`, `trainer_state`;
+        see `rewards.inputs`); None when the caller has none."""
         raise NotImplementedError
 
     def __call__(
-        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Any], metas: Sequence[dict]
+        self, prompts: Sequence[str], completions: Sequence[str], references: Sequence[Any], metas: Sequence[dict],
+        extras: Sequence[dict] | None = None,
     ) -> list[float]:
         """Rewards `[B]`; invalid answers give 0.0; any error raises `RewardError` naming the reward and index."""
-        results = self.outcomes(prompts, completions, references, metas)
+        results = self.outcomes(prompts, completions, references, metas, extras)
         errors = [f"reward {self.name!r} failed on sample {i}: {o.error}" for i, o in enumerate(results) if o.error]
         if errors:
             raise RewardError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""), errors)
         return [o.value for o in results]
+
+
+def call_units(reward: BatchReward, n: int) -> list[tuple[int, int]]:
+    """The calls `n` samples are scored in: one per sample, or all at once for batched rewards (the unit a
+    timeout applies to, in a worker process and in-process alike)."""
+    return [(0, n)] if reward.batched else [(i, i + 1) for i in range(n)]
 
 
 def _accepts(fn: Callable) -> tuple[set[str], bool]:
@@ -107,7 +120,7 @@ def detect_style(fn: Callable) -> str:
         names, _ = _accepts(fn)
     except (TypeError, ValueError) as exc:
         raise RewardSpecError(f"cannot read the signature of {fn!r}: {exc}") from exc
-    if "completions" in names:
+    if "completions" in names or "completion_ids" in names:
         return "trl"
     if "solution_str" in names:
         return "verl"
@@ -115,7 +128,7 @@ def detect_style(fn: Callable) -> str:
         return "native"
     raise RewardSpecError(
         f"reward function {getattr(fn, '__qualname__', fn)!r} has parameters {sorted(names)}; expected "
-        "fn(completion, reference, **meta), fn(prompts, completions, **kwargs) or "
+        "fn(completion, reference, **meta), fn(prompts, completions, **kwargs) (or completion_ids) or "
         "compute_score(data_source, solution_str, ground_truth, extra_info)"
     )
 
@@ -152,9 +165,9 @@ class FunctionReward(BatchReward):
         kwargs.pop("completion", None)
         return self.fn(completion, **_select(kwargs, self._names, self._var_kw))
 
-    def outcomes(self, prompts, completions, references, metas) -> list[Outcome]:
+    def outcomes(self, prompts, completions, references, metas, extras=None) -> list[Outcome]:
         if self.batched:
-            return self._batch(prompts, completions, references, metas)
+            return self._batch(prompts, completions, references, metas, extras)
         results = []
         for prompt, completion, reference, meta in zip(prompts, completions, references, metas):
             try:
@@ -171,13 +184,17 @@ class FunctionReward(BatchReward):
                 results.append(Outcome(0.0, (), str(exc)))
         return results
 
-    def _batch(self, prompts, completions, references, metas) -> list[Outcome]:
+    def _batch(self, prompts, completions, references, metas, extras=None) -> list[Outcome]:
         n = len(completions)
-        columns: dict[str, list] = {}
-        for key in dict.fromkeys(k for meta in metas for k in meta):
-            columns[key] = [meta.get(key) for meta in metas]
-        columns.update(reference=list(references), ground_truth=list(references))
-        kwargs = {"prompts": list(prompts), "completions": list(completions), **columns}
+        extras = list(extras) if extras is not None else [{} for _ in range(n)]
+        trl_prompts, trl_completions = trl_prompts_and_completions(prompts, completions, extras)
+        ids = [e.get("completion_ids") for e in extras]
+        kwargs = {
+            **trl_columns(references, metas, extras),
+            "prompts": trl_prompts, "completions": trl_completions,
+            "completion_ids": ids if all(i is not None for i in ids) else None,
+            "trainer_state": next((e["trainer_state"] for e in extras if e.get("trainer_state") is not None), None),
+        }
         try:
             values = self.fn(**_select(kwargs, self._names, self._var_kw))
         except InvalidAnswer as exc:
@@ -192,6 +209,9 @@ class FunctionReward(BatchReward):
             return [Outcome(0.0, (), f"returned {len(values)} values for a batch of {n}")] * n
         results = []
         for value in values:
+            if value is None:  # TRL: this reward does not apply to the sample
+                results.append(Outcome(0.0, (f"{self.name}: returned None (not applicable)",)))
+                continue
             try:
                 results.append(Outcome(check_value(value)))
             except ValueError as exc:
@@ -206,7 +226,7 @@ class RegisteredReward:
     fn: Callable
 
 
-_REWARDS: dict[str, RegisteredReward] = {}
+REWARDS: Registry[RegisteredReward] = Registry("reward")
 
 
 def register_reward(name: str, description: str) -> Callable[[Callable], Callable]:
@@ -216,10 +236,8 @@ def register_reward(name: str, description: str) -> Callable[[Callable], Callabl
         raise ValueError(f"reward {name!r}: description must be one non-empty line")
 
     def wrap(fn: Callable) -> Callable:
-        if name in _REWARDS:
-            raise ValueError(f"reward {name!r} is registered twice")
         detect_style(fn)
-        _REWARDS[name] = RegisteredReward(name, description, fn)
+        REWARDS.register(name, RegisteredReward(name, description, fn))
         return fn
 
     return wrap
@@ -227,7 +245,7 @@ def register_reward(name: str, description: str) -> Callable[[Callable], Callabl
 
 def list_rewards() -> list[tuple[str, str]]:
     """(name, one-line description) of every registered reward, sorted by name."""
-    return [(r.name, r.description) for r in sorted(_REWARDS.values(), key=lambda r: r.name)]
+    return [(name, REWARDS.get(name).description) for name in REWARDS.names()]
 
 
 def format_reward_table() -> str:
@@ -265,10 +283,9 @@ def resolve_function(spec: str, base_dir: str | Path | None = None) -> tuple[Cal
         raise RewardSpecError(f"reward spec {spec!r} is not a non-empty string")
     spec = spec.strip()
     if ":" not in spec:
-        if spec not in _REWARDS:
-            known = ", ".join(sorted(_REWARDS)) or "(none)"
-            raise RewardSpecError(f"unknown reward {spec!r}; registered: {known}")
-        return _REWARDS[spec].fn, spec
+        if spec not in REWARDS:
+            raise RewardSpecError(REWARDS.unknown(spec))
+        return REWARDS.get(spec).fn, spec
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise RewardSpecError(f"reward spec {spec!r}: expected 'module:function' or 'file.py:function'")

@@ -2,7 +2,13 @@
 
 A bad sample never crashes a run: InvalidAnswer becomes reward 0 counted by reason. A bad reward does: any other
 exception, a wrong-length return, NaN/inf or a non-number, or a timeout raises `RewardError` naming the reward and
-the sample (on_error="raise", the default), or yields 0 and is counted (on_error="zero").
+the sample (on_error="raise", the default), or yields 0 and is counted (on_error="zero", with a warning the first
+time a reward fails; a reward that has failed on more than `max_error_frac` of its samples, once it has scored
+`judge_after` of them, is broken, not flaky, and raises all the same).
+
+Time limits hold in every mode: worker processes are killed past `timeout_s`; in-process scoring
+(`num_workers=0`) abandons the overrunning call in its thread (`rewards.timeouts`). Loading a spec (importing a
+user's module) in this process is bounded by `load_timeout_s`.
 
 `score()` is not thread-safe; use one scorer per thread.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -23,8 +30,13 @@ import numpy as np
 
 from rewards.errors import RewardError, RewardSpecError
 from rewards.pool import Job, WorkerPool
-from rewards.registry import BatchReward, Outcome, get_reward
+from rewards.registry import BatchReward, Outcome, call_units, describe_exception, get_reward
 from rewards.text import truncate
+from rewards.timeouts import RewardTimeout, call_with_timeout
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -70,9 +82,12 @@ class RewardScorer:
 
     routes: domain -> spec (a registered name, `module:function`, `file.py:function`, a callable, or a weighted
         list `[{"reward": spec, "weight": w}, ...]`); a sample's `reward` key overrides its domain's spec.
-    num_workers: worker processes; 0 scores in this process (for tests and debugging; timeouts NOT enforced).
+    num_workers: worker processes; 0 scores in this process (timeouts enforced by abandoning the call's thread).
     timeout_s: limit on one reward call (one sample; a whole chunk for TRL-style batch rewards).
-    on_error: "raise" (RewardError after the batch finishes) or "zero" (0 reward, counted in `errors`).
+    on_error: "raise" (RewardError after the batch finishes) or "zero" (0 reward, counted in `errors`, warned
+        about; still RewardError once more than `max_error_frac` of one reward's samples have failed, judged
+        from `judge_after` samples on, counted since the scorer started).
+    load_timeout_s: limit on loading a spec (importing its module), here and in each worker.
     base_dir: folder relative file specs are resolved against (e.g. the config file's folder).
     preload: modules imported in each worker first (ones that `register_reward` the names routes use).
     chunk_size: samples per worker job; default spreads each route's samples over about 4 jobs per worker.
@@ -87,6 +102,10 @@ class RewardScorer:
         base_dir: str | Path | None = None,
         preload: Sequence[str] = (),
         chunk_size: int | None = None,
+        load_timeout_s: float = 30.0,
+        max_error_frac: float = 0.5,
+        warn=None,
+        judge_after: int = 8,
     ):
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error must be 'raise' or 'zero', got {on_error!r}")
@@ -101,17 +120,36 @@ class RewardScorer:
         self.base_dir = str(base_dir) if base_dir is not None else None
         self.preload = tuple(preload)
         self.chunk_size = chunk_size
+        self.load_timeout_s = float(load_timeout_s)
+        self.max_error_frac = float(max_error_frac)
+        self.judge_after = int(judge_after)
+        self._warn = warn or _warn
+        self._warned: set[str] = set()
+        self._tally: dict[str, list[int]] = {}  # reward name -> [failed, scored] since this scorer started
         for module in self.preload:
-            __import__(module)
+            call_with_timeout(lambda module=module: __import__(module), self.load_timeout_s,
+                              f"importing reward module {module!r}")
         self._rewards: dict[str, BatchReward] = {}
         for spec in self.routes.values():  # fail now on a bad spec, not mid-run
             self._reward(spec)
         self._pool: WorkerPool | None = None
 
+    @classmethod
+    def from_config(cls, rewards_cfg: Any, **kwargs: Any) -> RewardScorer:
+        """The scorer of a job's `rewards` section (`rl.config.RewardsConfig`): training and evaluation build
+        theirs here, so both score with the same limits."""
+        return cls(rewards_cfg.routes, num_workers=rewards_cfg.num_workers, timeout_s=rewards_cfg.timeout_s,
+                   on_error=rewards_cfg.on_error, load_timeout_s=rewards_cfg.load_timeout_s,
+                   max_error_frac=rewards_cfg.max_error_frac, **kwargs)
+
     def _reward(self, spec: Any) -> BatchReward:
         key = _spec_key(spec)
         if key not in self._rewards:
-            reward = get_reward(spec, base_dir=self.base_dir)
+            try:
+                reward = call_with_timeout(lambda: get_reward(spec, base_dir=self.base_dir), self.load_timeout_s,
+                                           f"loading reward {spec!r:.80}")
+            except RewardTimeout as exc:
+                raise RewardSpecError(f"{exc}: does its module block at import?") from None
             if self.num_workers > 0:
                 try:
                     pickle.dumps(spec)
@@ -134,9 +172,11 @@ class RewardScorer:
             )
         return self.routes[domain]
 
-    def score(self, samples: Sequence[dict[str, Any]]) -> RewardResult:
+    def score(self, samples: Sequence[dict[str, Any]], trainer_state: Any = None) -> RewardResult:
         """Rewards for `samples` (dicts with id, domain, prompt, completion, reference, metadata, optional
-        reward). Metadata reaches the reward as keyword arguments, plus `domain` unless metadata has its own."""
+        reward; and, from `rewards.inputs.reward_requests`, messages, completion_ids and fields). Metadata reaches
+        the reward as keyword arguments, plus `domain` unless metadata has its own. `trainer_state` reaches
+        TRL-style rewards (`rewards.inputs.RewardTrainerState`)."""
         start = time.monotonic()
         groups: dict[str, list[int]] = {}
         specs: dict[str, Any] = {}
@@ -151,21 +191,40 @@ class RewardScorer:
             specs[key] = spec
             groups.setdefault(key, []).append(position)
             meta = {"domain": sample.get("domain"), **(sample.get("metadata") or {})}
-            items.append((str(sample.get("prompt") or ""), completion, sample.get("reference"), meta))
+            extras = {"messages": sample.get("messages"), "completion_ids": sample.get("completion_ids"),
+                      "fields": sample.get("fields"), "trainer_state": trainer_state}
+            items.append((str(sample.get("prompt") or ""), completion, sample.get("reference"), meta, extras))
 
         outcomes: dict[int, Outcome] = {}
         if self.num_workers == 0:
             for key, indices in groups.items():
-                columns = list(zip(*(items[i] for i in indices)))
-                for index, outcome in zip(indices, self._rewards[key].outcomes(*(list(c) for c in columns))):
-                    outcomes[index] = outcome
+                outcomes.update(self._run_inline(self._rewards[key], indices, items))
         elif groups:
             outcomes = self._pool_run(groups, specs, items)
         return self._collect(samples, groups, outcomes, time.monotonic() - start)
 
+    def _run_inline(self, reward: BatchReward, indices: list[int], items: list) -> dict[int, Outcome]:
+        """In-process scoring, call by call (the units a worker would time), each under `timeout_s`."""
+        out: dict[int, Outcome] = {}
+        columns = [list(c) for c in zip(*(items[i] for i in indices))]
+        for start, end in call_units(reward, len(indices)):
+            part = [c[start:end] for c in columns]
+            try:
+                outcomes = call_with_timeout(lambda part=part: reward.outcomes(*part), self.timeout_s,
+                                             f"reward {reward.name!r}")
+            except RewardTimeout as exc:
+                outcomes = [Outcome(0.0, (), f"timed out after {self.timeout_s:g}s (in-process; the call was "
+                                             "abandoned in its thread)")] * (end - start)
+                del exc
+            except Exception as exc:  # noqa: BLE001 - as a worker reports it
+                outcomes = [Outcome(0.0, (), describe_exception(exc))] * (end - start)
+            out.update(zip(indices[start:end], outcomes))
+        return out
+
     def _pool_run(self, groups: dict[str, list[int]], specs: dict[str, Any], items: list) -> dict[int, Outcome]:
         if self._pool is None:
-            self._pool = WorkerPool(self.num_workers, self.timeout_s, self.base_dir, self.preload)
+            self._pool = WorkerPool(self.num_workers, self.timeout_s, self.base_dir, self.preload,
+                                    load_timeout_s=self.load_timeout_s)
         jobs = []
         for key, indices in groups.items():
             size = self.chunk_size or max(1, math.ceil(len(indices) / (4 * self.num_workers)))
@@ -179,8 +238,10 @@ class RewardScorer:
         rewards, invalid, failed = np.zeros(n), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
         reasons: Counter = Counter()
         errors: list[str] = []
+        broken: list[str] = []
         for key, indices in groups.items():
             name = self._rewards[key].name
+            first_error = len(errors)
             for i in indices:
                 outcome = outcomes[i]
                 if outcome.error:
@@ -195,9 +256,24 @@ class RewardScorer:
                 if outcome.invalid:
                     invalid[i] = True
                     reasons.update(outcome.invalid)
+            failures = len(errors) - first_error
+            tally = self._tally.setdefault(name, [0, 0])
+            tally[0] += failures
+            tally[1] += len(indices)
+            if failures and self.on_error == "zero":
+                share = f"reward {name!r} failed on {tally[0]} of {tally[1]} samples so far"
+                if tally[1] >= self.judge_after and tally[0] / tally[1] > self.max_error_frac:
+                    broken.append(f"{share}, more than rewards.max_error_frac={self.max_error_frac:g}: it is broken, "
+                                  f"not flaky; latest: {errors[first_error]}")
+                elif name not in self._warned:
+                    self._warned.add(name)
+                    self._warn(f"{share} (on_error=zero: scored 0, counted in reward/error_frac; warned once): "
+                               f"{errors[first_error]}")
         if errors and self.on_error == "raise":
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
             raise RewardError(errors[0] + more, errors)
+        if broken:
+            raise RewardError("; ".join(broken), errors)
         domains = [str(s.get("domain")) for s in samples]
         return RewardResult(rewards, invalid, reasons, errors, failed, domains, elapsed)
 

@@ -5,7 +5,8 @@ the trainer's main module or torch; it loads rewards from their specs itself, wh
 from files (not picklable by reference) run here.
 
 Protocol (pickled messages over two pipes): first `{"sys_path", "preload", "base_dir"}`; then jobs
-`(job_id, key, spec, items)` with items `[(prompt, completion, reference, meta), ...]`, or None to stop. Replies:
+`(job_id, key, spec, items)` with items `[(prompt, completion, reference, meta, extras), ...]` (extras:
+`rewards.inputs`), or None to stop. Replies:
 `("plan", job_id, unit_sizes)` once the reward is loaded, then one `("done", job_id, outcomes)` per unit (a unit is
 one sample, or the whole job for batched rewards), or `("fatal", job_id, message)` when the spec does not load.
 """
@@ -17,11 +18,7 @@ import sys
 from multiprocessing.connection import Connection
 from typing import Any
 
-from rewards.registry import BatchReward, Outcome, describe_exception, get_reward
-
-
-def _units(reward: BatchReward, n: int) -> list[tuple[int, int]]:
-    return [(0, n)] if reward.batched else [(i, i + 1) for i in range(n)]
+from rewards.registry import BatchReward, Outcome, call_units, describe_exception, get_reward
 
 
 def serve(inbox: Connection, outbox: Connection) -> None:
@@ -45,13 +42,14 @@ def serve(inbox: Connection, outbox: Connection) -> None:
             except BaseException as exc:  # noqa: BLE001 - reported to the parent, which names the samples
                 outbox.send(("fatal", job_id, f"loading reward {spec!r:.100} failed: {describe_exception(exc)}"))
                 continue
-        prompts, completions, references, metas = (list(column) for column in zip(*items))
-        units = _units(reward, len(items))
+        prompts, completions, references, metas, extras = (list(column) for column in zip(*items))
+        units = call_units(reward, len(items))
         outbox.send(("plan", job_id, [end - start for start, end in units]))
         for start, end in units:
             try:
                 outcomes = reward.outcomes(
-                    prompts[start:end], completions[start:end], references[start:end], metas[start:end]
+                    prompts[start:end], completions[start:end], references[start:end], metas[start:end],
+                    extras[start:end],
                 )
             except Exception as exc:  # noqa: BLE001
                 outcomes = [Outcome(0.0, (), describe_exception(exc))] * (end - start)

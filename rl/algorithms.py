@@ -10,7 +10,7 @@ Adding an algorithm is one function and one name:
 
 Shapes: logp, old_logp, advantages, mask, weights `[B, T]` over response tokens (mask 1 = counted);
 rewards, group_ids `[B]`. `cfg` is a mapping or an object with attributes (`clip_low`, `clip_high`, ...);
-missing optional keys take the defaults documented on each function. `weights` are per-token importance
+missing keys take `AlgorithmConfig`'s defaults (`rl.config`, the one place they are declared). `weights` are per-token importance
 weights against the sampler (truncated IS), detached; None means 1.
 
 Losses that need more of the distribution than the sampled token's log-prob (a teacher's top-k KL) are
@@ -24,20 +24,24 @@ the sampled token's (no `[B, T, V]` logits exist):
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 from collections.abc import Callable
 
 import torch
 
+from core.registry import Registry
+
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 AdvantageEstimator = Callable[..., torch.Tensor]
 
-_POLICY_LOSSES: dict[str, PolicyLoss] = {}
-_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
-_LOGIT_LOSSES: dict[str, PolicyLoss] = {}
-# Algorithms that live in other packages register themselves on import; named here so lookups find them.
-_PLUGIN_MODULES = {"mopd": "mopd.estimator", "teacher_kl": "mopd.dense", "teacher_fkl": "mopd.dense"}
+# Algorithms that live in other packages register themselves on import; their lazy entries name them, so that
+# the names are known (to the config's choices, to `check`) before the package is imported.
+POLICY_LOSSES: Registry[PolicyLoss] = Registry("policy loss")
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+ADVANTAGE_ESTIMATORS.register("mopd", "mopd.estimator:mopd_advantage")
+LOGIT_LOSSES: Registry[PolicyLoss] = Registry("logit loss")
+LOGIT_LOSSES.register("teacher_kl", "mopd.dense:teacher_topk_kl", needs_teacher_topk=True)
+LOGIT_LOSSES.register("teacher_fkl", "mopd.dense:teacher_topk_forward_kl", needs_teacher_topk=True)
 
 
 def register_policy_loss(name: str, uses_old_logprobs: bool = True) -> Callable[[PolicyLoss], PolicyLoss]:
@@ -45,8 +49,7 @@ def register_policy_loss(name: str, uses_old_logprobs: bool = True) -> Callable[
 
     def wrap(fn: PolicyLoss) -> PolicyLoss:
         fn.uses_old_logprobs = uses_old_logprobs  # type: ignore[attr-defined]
-        _POLICY_LOSSES[name] = fn
-        return fn
+        return POLICY_LOSSES.register(name, fn)
 
     return wrap
 
@@ -58,8 +61,7 @@ def register_advantage_estimator(
 
     def wrap(fn: AdvantageEstimator) -> AdvantageEstimator:
         fn.uses_old_logprobs = uses_old_logprobs  # type: ignore[attr-defined]
-        _ADVANTAGE_ESTIMATORS[name] = fn
-        return fn
+        return ADVANTAGE_ESTIMATORS.register(name, fn)
 
     return wrap
 
@@ -72,58 +74,48 @@ def register_logit_loss(name: str, needs_teacher_topk: bool = False) -> Callable
 
     def wrap(fn: PolicyLoss) -> PolicyLoss:
         fn.needs_teacher_topk = needs_teacher_topk  # type: ignore[attr-defined]
-        _LOGIT_LOSSES[name] = fn
-        return fn
+        return LOGIT_LOSSES.register(name, fn, needs_teacher_topk=needs_teacher_topk)
 
     return wrap
 
 
-def _lookup(table: dict[str, Callable], name: str, kind: str) -> Callable:
-    if name not in table and name in _PLUGIN_MODULES:
-        importlib.import_module(_PLUGIN_MODULES[name])
-    if name not in table:
-        raise KeyError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}")
-    return table[name]
-
-
 def get_policy_loss(name: str) -> PolicyLoss:
     """`fn(logp, old_logp, advantages, mask, cfg, weights=None) -> (loss, metrics)`."""
-    return _lookup(_POLICY_LOSSES, name, "policy loss")
+    return POLICY_LOSSES.get(name)
 
 
 def get_advantage_estimator(name: str) -> AdvantageEstimator:
     """`fn(rewards, group_ids, mask, cfg, rollouts=None) -> advantages [B, T]`."""
-    return _lookup(_ADVANTAGE_ESTIMATORS, name, "advantage estimator")
+    return ADVANTAGE_ESTIMATORS.get(name)
 
 
 def get_logit_loss(name: str) -> PolicyLoss:
     """`fn(student_at_teacher_topk, rollouts, mask, cfg) -> (loss, metrics)`."""
-    return _lookup(_LOGIT_LOSSES, name, "logit loss")
+    return LOGIT_LOSSES.get(name)
 
 
 def logit_loss_names() -> list[str]:
-    for module in _PLUGIN_MODULES.values():
-        importlib.import_module(module)
-    return sorted(_LOGIT_LOSSES)
+    return LOGIT_LOSSES.names()
 
 
 def policy_loss_names() -> list[str]:
-    return sorted(_POLICY_LOSSES)
+    return POLICY_LOSSES.names()
 
 
 def advantage_estimator_names() -> list[str]:
-    for module in _PLUGIN_MODULES.values():
-        importlib.import_module(module)
-    return sorted(_ADVANTAGE_ESTIMATORS)
+    return ADVANTAGE_ESTIMATORS.names()
 
 
-def cfg_get(cfg: Any, key: str, default: Any) -> Any:
-    """Read `key` from a mapping or an attribute object, with a default."""
-    if cfg is None:
-        return default
-    if isinstance(cfg, dict):
-        return cfg.get(key, default)
-    return getattr(cfg, key, default)
+def cfg_get(cfg: Any, key: str) -> Any:
+    """`algorithm.<key>` from a mapping or an attribute object; a key it lacks takes `AlgorithmConfig`'s default,
+    the one place defaults are declared (a key that is not an `algorithm.*` option is a KeyError)."""
+    from rl.config import algorithm_default
+
+    if isinstance(cfg, dict) and key in cfg:
+        return cfg[key]
+    if cfg is not None and not isinstance(cfg, dict) and hasattr(cfg, key):
+        return getattr(cfg, key)
+    return algorithm_default(key)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -178,13 +170,13 @@ def group_normalized_advantage(
 ) -> torch.Tensor:
     """Outcome advantage `A_i = (r_i - mean_group) / (std_group + eps)`, the same for every token of response i.
 
-    cfg: `norm_std` (default True; False gives Dr. GRPO's mean-centring only), `adv_eps` (1e-6).
+    cfg: `norm_std` (False gives Dr. GRPO's mean-centring only), `adv_eps`.
     A group whose rewards are all equal gets 0 (never NaN); a group of one response gets 0.
     """
     mean, std, count = group_stats(rewards, group_ids)
     adv = rewards.double() - mean
-    if cfg_get(cfg, "norm_std", True):
-        scale = std + cfg_get(cfg, "adv_eps", 1e-6)
+    if cfg_get(cfg, "norm_std"):
+        scale = std + cfg_get(cfg, "adv_eps")
         adv = torch.where(scale > 0, adv / torch.where(scale > 0, scale, torch.ones_like(scale)), torch.zeros_like(adv))
     adv = torch.where(count > 1, adv, torch.zeros_like(adv))
     return adv.to(mask.dtype).unsqueeze(-1) * mask
@@ -205,7 +197,7 @@ def supervised_advantage(
 
 
 def _clip_bounds(cfg: Any) -> tuple[float, float]:
-    return float(cfg_get(cfg, "clip_low", 0.2)), float(cfg_get(cfg, "clip_high", 0.2))
+    return float(cfg_get(cfg, "clip_low")), float(cfg_get(cfg, "clip_high"))
 
 
 @register_policy_loss("gspo")
@@ -225,7 +217,7 @@ def gspo_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     objective = torch.minimum(ratio * adv, clipped_ratio * adv)
     if weights is not None:
         objective = objective * masked_mean(weights, mask, dim=-1).detach()
-    if cfg_get(cfg, "loss_agg", "seq_mean_token_mean") == "token_mean":
+    if cfg_get(cfg, "loss_agg") == "token_mean":
         seq_weight = lengths / lengths.sum().clamp(min=1)
         loss = -(objective * seq_weight).sum()
     else:
@@ -247,7 +239,7 @@ def _token_clipped_loss(ratio, advantages, mask, cfg, weights):
     clipped = ((ratio * advantages) > (clipped_ratio * advantages)).float()
     if weights is not None:
         objective = objective * weights.detach()
-    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "seq_mean_token_mean"))
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg"))
     metrics = {
         "actor/clip_frac": float(masked_mean(clipped, mask)),
         "actor/ratio_mean": float(masked_mean(ratio.detach(), mask)),
@@ -278,7 +270,7 @@ def nll_loss(logp, old_logp, advantages, mask, cfg=None, weights=None):
     objective = advantages * logp
     if weights is not None:
         objective = objective * weights.detach()
-    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg", "token_mean"))
+    loss = -aggregate_token_loss(objective, mask, cfg_get(cfg, "loss_agg"))
     return loss, {}
 
 

@@ -6,15 +6,49 @@ renders these helps as the README's key reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from core.options import option as _help
 from rl.config_loader import apply_overrides, build_dataclass, load_yaml_tree, to_dict
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+def _engine_names() -> list[str]:
+    from rollout.base import ENGINES
+
+    return ENGINES.names()
+
+
+def _engine_options(name: str) -> type | None:
+    from rollout.base import engine_options
+
+    return engine_options(name)
+
+
+def _teacher_backend_names() -> list[str]:
+    from teachers.backends import TEACHER_BACKENDS
+
+    return TEACHER_BACKENDS.names()
+
+
+def _teacher_options(name: str) -> type | None:
+    from teachers.backends import teacher_options
+
+    return teacher_options(name)
+
+
+def _estimator_names() -> list[str]:
+    from rl.algorithms import advantage_estimator_names
+
+    return advantage_estimator_names()
+
+
+def _policy_loss_names() -> list[str]:
+    from rl.algorithms import policy_loss_names
+
+    return policy_loss_names()
 
 
 @dataclass
@@ -28,23 +62,23 @@ class RunConfig:
 @dataclass
 class TinyModelConfig:
     family: Literal["qwen3_vl_moe", "qwen3_moe", "qwen3"] = _help("transformers model family.", default="qwen3_vl_moe")
-    hidden_size: int = _help("Hidden size of the language model.", default=128)
-    num_layers: int = _help("Decoder layers.", default=2)
-    num_heads: int = _help("Query heads.", default=4)
-    num_kv_heads: int = _help("Key/value heads (GQA).", default=2)
-    head_dim: int = _help("Head size (>= 32 for vLLM's CPU backend).", default=32)
-    intermediate_size: int = _help("Dense MLP size.", default=256)
-    moe_intermediate_size: int = _help("Expert MLP size.", default=128)
-    num_experts: int = _help("Experts per MoE layer.", default=4)
-    experts_per_token: int = _help("Experts routed per token.", default=2)
+    hidden_size: int = _help("Hidden size of the language model.", default=128, ge=1)
+    num_layers: int = _help("Decoder layers.", default=2, ge=1)
+    num_heads: int = _help("Query heads.", default=4, ge=1)
+    num_kv_heads: int = _help("Key/value heads (GQA).", default=2, ge=1)
+    head_dim: int = _help("Head size (>= 32 for vLLM's CPU backend).", default=32, ge=1)
+    intermediate_size: int = _help("Dense MLP size.", default=256, ge=1)
+    moe_intermediate_size: int = _help("Expert MLP size.", default=128, ge=1)
+    num_experts: int = _help("Experts per MoE layer.", default=4, ge=1)
+    experts_per_token: int = _help("Experts routed per token.", default=2, ge=1)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = _help("Train LoRA adapters (peft) on the language model instead of all its weights.", default=False)
-    r: int = _help("LoRA rank.", default=8)
+    r: int = _help("LoRA rank.", default=8, ge=1)
     alpha: int = _help("LoRA alpha.", default=16)
-    dropout: float = _help("LoRA dropout.", default=0.0)
+    dropout: float = _help("LoRA dropout.", default=0.0, ge=0, le=1)
     target_modules: list[str] = _help(
         "Module names to adapt.", default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
@@ -53,16 +87,16 @@ class LoraConfig:
 @dataclass
 class DSAModelConfig:
     enabled: bool = _help("Attach DeepSeek Sparse Attention (lightning indexer + top-k GQA attention).", default=False)
-    topk: int = _help("Keys each query attends to (fewer candidates: exactly dense).", default=2048)
-    index_heads: int = _help("Indexer query heads.", default=4)
-    index_head_dim: int = _help("Indexer head size.", default=64)
+    topk: int = _help("Keys each query attends to (fewer candidates: exactly dense).", default=2048, ge=1)
+    index_heads: int = _help("Indexer query heads.", default=4, ge=1)
+    index_head_dim: int = _help("Indexer head size.", default=64, ge=1)
     stage: Literal["none", "dense_warmup", "sparse"] = _help(
         "Indexer training: 'dense_warmup' (main model frozen, dense attention, indexer learns the attention "
         "distribution), 'sparse' (top-k attention, indexer keeps its KL on the selected keys, input detached), "
         "'none' (the indexer is not trained).",
         default="none",
     )
-    indexer_loss_weight: float = _help("Weight of the indexer KL added to the loss in the two stages.", default=1.0)
+    indexer_loss_weight: float = _help("Weight of the indexer KL added to the loss in the two stages.", default=1.0, ge=0)
 
 
 @dataclass
@@ -83,7 +117,8 @@ class ModelConfig:
     dsa: DSAModelConfig = _help("DeepSeek Sparse Attention on the language model.", default_factory=DSAModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Training dtype of the student.", default="float32")
     template_kwargs: dict[str, Any] = _help(
-        "Extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3.", default_factory=dict
+        "Extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3 (variables the template reads; "
+        "`check` refuses others when the tokenizer is at hand).", default_factory=dict
     )
 
 
@@ -94,7 +129,7 @@ class TaskConfig:
     weight: float = _help(
         "Share of this source in the training pool: its samples enter it `weight` times (0.5 = a seeded half). "
         "Held-out sources ignore it.",
-        default=1.0,
+        default=1.0, gt=0,
     )
 
 
@@ -104,36 +139,37 @@ class DataConfig:
     eval: list[TaskConfig] = _help(
         "Held-out task sources.", default_factory=lambda: [TaskConfig(args={"split": "eval"})]
     )
-    prompts_per_step: int = _help("Prompts per training step (each gets rollout.group_size responses).", default=16)
-    video_fps: float = _help("Frames per second sampled from video files.", default=2.0)
-    video_max_frames: int = _help("Most frames kept per video (uniform over the clip beyond that).", default=32)
+    prompts_per_step: int = _help("Prompts per training step (each gets rollout.group_size responses).", default=16, ge=1)
+    video_fps: float = _help("Frames per second sampled from video files.", default=2.0, gt=0)
+    video_max_frames: int = _help("Most frames kept per video (uniform over the clip beyond that).", default=32, ge=1)
     video_size: list[int] | int | None = _help(
-        "Decoded frame size: [H, W], or the long side keeping the aspect ratio; null = [32, 32].", default=None
+        "Decoded frame size: [H, W], or the long side keeping the aspect ratio; null = [32, 32].", default=None, ge=1
     )
-    decode_workers: int = _help("Threads decoding the next batches' videos while the current step trains.", default=2)
-    prefetch_batches: int = _help("Batches decoded ahead of the trainer.", default=2)
+    decode_workers: int = _help("Threads decoding the next batches' videos while the current step trains.", default=2, ge=1)
+    prefetch_batches: int = _help("Batches decoded ahead of the trainer.", default=2, ge=0)
 
 
 @dataclass
 class RolloutConfig:
-    backend: Literal["hf", "vllm", "reference"] = _help(
-        "Generation engine: 'hf' (transformers generate), 'vllm', or 'reference' (the tasks' demonstration "
-        "answers, for supervised warm-up through the same loop).",
-        default="hf",
+    backend: str = _help(
+        "Generation engine, a registered rollout backend: 'hf' (transformers generate), 'vllm', or 'reference' "
+        "(the tasks' demonstration answers, for supervised warm-up through the same loop).",
+        default="hf", choices=_engine_names,
     )
-    num_workers: int = _help("Ray rollout actors; 0 runs the engine inside the trainer process.", default=1)
-    group_size: int = _help("Responses per prompt (G).", default=4)
-    max_new_tokens: int = _help("Generation length cap; longer responses are flagged truncated.", default=32)
-    temperature: float = _help("Sampling temperature.", default=1.0)
-    top_p: float = _help("Nucleus sampling threshold.", default=1.0)
-    batch_size: int = _help("Prompts per generate call inside a worker.", default=64)
-    threads_per_worker: int = _help("torch CPU threads of each rollout actor.", default=2)
+    num_workers: int = _help("Ray rollout actors; 0 runs the engine inside the trainer process.", default=1, ge=0)
+    group_size: int = _help("Responses per prompt (G).", default=4, ge=1)
+    max_new_tokens: int = _help("Generation length cap; longer responses are flagged truncated.", default=32, ge=1)
+    temperature: float = _help("Sampling temperature (0: greedy).", default=1.0, ge=0)
+    top_p: float = _help("Nucleus sampling threshold.", default=1.0, gt=0, le=1)
+    batch_size: int = _help("Prompts per generate call inside a worker.", default=64, ge=1)
+    threads_per_worker: int = _help("torch CPU threads of each rollout actor.", default=2, ge=0)
     ray_address: str | None = _help("Ray cluster address; null starts a local Ray instance.", default=None)
-    gpus_per_worker: float = _help("GPUs per rollout actor (Ray placement).", default=0.0)
+    gpus_per_worker: float = _help("GPUs per rollout actor (Ray placement).", default=0.0, ge=0)
     engine_args: dict[str, Any] = _help(
-        "Extra keyword arguments of the engine (vLLM: tensor_parallel_size, gpu_memory_utilization, weight_sync, "
-        "check_sync, enable_sleep_mode, ...; see docs/vllm.md).",
-        default_factory=dict,
+        "The engine's own settings, typed per backend (`rollout.engine_args.<key> (<backend>)` rows below; "
+        "rollout/options.py): hf: dtype, device, threads; vllm: tensor_parallel_size, gpu_memory_utilization, "
+        "sync, check_sync, sleep_level, ... (docs/vllm.md). Unknown keys are errors.",
+        default_factory=dict, options=_engine_options, options_of="backend",
     )
 
 
@@ -148,34 +184,44 @@ class TeacherConfig:
         "captions), 'timestamps' (timestamps only), 'no_video' (video removed).",
         default="native",
     )
-    weight: float = _help("Weight when several teachers serve one domain (normalised per sample).", default=1.0)
-    topk: int = _help("Also return the teacher's top-k log-probs at every response position (0 = off).", default=0)
-    backend: Literal["hf", "vllm"] = _help("Scoring engine.", default="hf")
-    num_workers: int = _help("Ray actors serving this teacher; 0 scores inside the trainer process.", default=1)
-    threads_per_worker: int = _help("torch CPU threads of each teacher actor.", default=2)
-    gpus_per_worker: float = _help("GPUs per teacher actor (Ray placement).", default=0.0)
-    batch_size: int = _help("Sequences per teacher forward pass.", default=64)
-    template_kwargs: dict[str, Any] = _help("Extra chat-template arguments of this teacher.", default_factory=dict)
-    engine_args: dict[str, Any] = _help("Extra keyword arguments of the teacher backend (vLLM settings).", default_factory=dict)
+    weight: float = _help("Weight when several teachers serve one domain (normalised per sample).", default=1.0, gt=0)
+    topk: int = _help("Also return the teacher's top-k log-probs at every response position (0 = off).", default=0, ge=0)
+    backend: str = _help("Scoring engine, a registered teacher backend (teachers/backends.py): 'hf' or 'vllm'.",
+                         default="hf", choices=_teacher_backend_names)
+    num_workers: int = _help("Ray actors serving this teacher; 0 scores inside the trainer process.", default=1, ge=0)
+    threads_per_worker: int = _help("torch CPU threads of each teacher actor.", default=2, ge=0)
+    gpus_per_worker: float = _help("GPUs per teacher actor (Ray placement).", default=0.0, ge=0)
+    batch_size: int = _help("Sequences per teacher forward pass.", default=64, ge=1)
+    template_kwargs: dict[str, Any] = _help(
+        "Extra chat-template arguments of this teacher (variables its template reads; `check` refuses others when "
+        "the teacher's tokenizer is at hand).", default_factory=dict)
+    engine_args: dict[str, Any] = _help(
+        "The backend's own settings, typed per backend (`teachers[].engine_args.<key> (<backend>)` rows; "
+        "teachers/options.py): hf: dtype, device; vllm: tensor_parallel_size, gpu_memory_utilization, ... "
+        "Unknown keys are errors.", default_factory=dict, options=_teacher_options, options_of="backend")
 
 
 @dataclass
 class AlgorithmConfig:
-    advantage: str = _help("Registered advantage estimator: mopd, gspo, grpo, sft, ...", default="mopd")
-    policy_loss: str = _help("Registered policy loss: gspo, gspo_token, grpo, nll, ...", default="gspo_token")
-    clip_low: float = _help("Ratio clip: lower bound is 1 - clip_low.", default=0.2)
-    clip_high: float = _help("Ratio clip: upper bound is 1 + clip_high.", default=0.28)
+    advantage: str = _help("Registered advantage estimator: mopd, gspo, grpo, sft, ...", default="mopd",
+                           choices=_estimator_names)
+    policy_loss: str = _help("Registered policy loss: gspo, gspo_token, grpo, nll, ...", default="gspo_token",
+                             choices=_policy_loss_names)
+    clip_low: float = _help("Ratio clip: lower bound is 1 - clip_low.", default=0.2, ge=0, le=1)
+    clip_high: float = _help("Ratio clip: upper bound is 1 + clip_high.", default=0.28, ge=0)
     loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = _help(
         "Loss aggregation (default: each sequence's length-normalised mean, then the mean over sequences).",
         default="seq_mean_token_mean",
     )
     norm_std: bool = _help("Divide group-centred rewards by the group std.", default=True)
-    outcome_weight: float = _help("MOPD: weight of the added group-normalised outcome advantage (0 = off).", default=0.0)
+    adv_eps: float = _help("Added to the group std before dividing (norm_std), so a near-constant group stays finite.",
+                           default=1e-6, ge=0)
+    outcome_weight: float = _help("MOPD: weight of the added group-normalised outcome advantage (0 = off).", default=0.0, ge=0)
     mopd_token_weight: float = _help(
-        "MOPD: weight of the sampled-token reverse-KL advantage (0 = only the dense logit losses teach).", default=1.0
+        "MOPD: weight of the sampled-token reverse-KL advantage (0 = only the dense logit losses teach).", default=1.0, ge=0
     )
-    mopd_topk: int = _help("MOPD: keep only tokens inside both teacher and student top-k (0 = off).", default=0)
-    mopd_adv_clip: float = _help("MOPD: clip per-token advantages to [-c, c] (0 = off).", default=0.0)
+    mopd_topk: int = _help("MOPD: keep only tokens inside both teacher and student top-k (0 = off).", default=0, ge=0)
+    mopd_adv_clip: float = _help("MOPD: clip per-token advantages to [-c, c] (0 = off).", default=0.0, ge=0)
     mopd_baseline: Literal["none", "group"] = _help(
         "MOPD: 'group' subtracts the leave-one-out mean advantage of the prompt's other responses per position.",
         default="none",
@@ -190,15 +236,15 @@ class AlgorithmConfig:
         "'mask' drops tokens whose ratio leaves [mismatch_low, mismatch_high] (MiMo-V2-Flash).",
         default="tis",
     )
-    mismatch_cap: float = _help("Truncation C of the TIS weight.", default=2.0)
-    mismatch_low: float = _help("'mask' rule: lowest kept pi_old/pi_sampler.", default=0.5)
-    mismatch_high: float = _help("'mask' rule: highest kept pi_old/pi_sampler.", default=2.0)
-    kl_coef: float = _help("KL penalty to the reference (initial) model (k3 estimator); 0 = off.", default=0.0)
-    entropy_coef: float = _help("Entropy bonus (entropy is always logged).", default=0.0)
+    mismatch_cap: float = _help("Truncation C of the TIS weight.", default=2.0, gt=0)
+    mismatch_low: float = _help("'mask' rule: lowest kept pi_old/pi_sampler.", default=0.5, ge=0)
+    mismatch_high: float = _help("'mask' rule: highest kept pi_old/pi_sampler.", default=2.0, gt=0)
+    kl_coef: float = _help("KL penalty to the reference (initial) model (k3 estimator); 0 = off.", default=0.0, ge=0)
+    entropy_coef: float = _help("Entropy bonus (entropy is always logged).", default=0.0, ge=0)
     truncated: Literal["keep", "drop", "downweight"] = _help("What truncated responses count for.", default="keep")
-    truncated_weight: float = _help("Loss weight of truncated responses under 'downweight'.", default=0.5)
+    truncated_weight: float = _help("Loss weight of truncated responses under 'downweight'.", default=0.5, ge=0, le=1)
     filter_zero_variance_groups: bool = _help("Drop groups whose rewards are all equal from the loss.", default=False)
-    updates_per_step: int = _help("Optimizer updates per rollout batch (mini-batches, one pass).", default=1)
+    updates_per_step: int = _help("Optimizer updates per rollout batch (mini-batches, one pass).", default=1, ge=1)
 
 
 @dataclass
@@ -213,62 +259,72 @@ class RewardsConfig:
             "reasoning": "numeric_match",
         },
     )
-    num_workers: int = _help("Reward worker processes (0 = in the trainer process, no timeouts).", default=2)
-    timeout_s: float = _help("Per-call time limit of a reward function.", default=10.0)
+    num_workers: int = _help(
+        "Reward worker processes; 0 scores in the trainer process (timeouts still hold: a call that overruns is "
+        "abandoned in its thread).", default=2, ge=0)
+    timeout_s: float = _help("Per-call time limit of a reward function.", default=10.0, gt=0)
+    load_timeout_s: float = _help(
+        "Time limit on importing a reward's module (at `check`, in the trainer and in each worker): a module that "
+        "blocks at import is an error naming it, not a hang.", default=30.0, gt=0)
     on_error: Literal["raise", "zero"] = _help(
-        "A reward function that raises / returns garbage / times out: stop with a named error, or give 0 and count.",
+        "A reward function that raises / returns garbage / times out: stop with a named error, or give 0 and count "
+        "(with a warning, and still an error past max_error_frac).",
         default="raise",
     )
+    max_error_frac: float = _help(
+        "on_error 'zero': the largest share of one reward's samples that may fail (counted over the run, judged "
+        "from its 8th sample on); beyond it the reward is broken, not flaky, and the run stops naming it "
+        "(1 = never stop).", default=0.5, ge=0, le=1)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _help("AdamW learning rate.", default=1e-4)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    betas: list[float] = _help("AdamW betas.", default_factory=lambda: [0.9, 0.999])
-    grad_clip: float = _help("Global gradient-norm clip (0 = off).", default=1.0)
-    warmup_steps: int = _help("Linear warm-up steps.", default=0)
+    lr: float = _help("AdamW learning rate.", default=1e-4, ge=0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0, ge=0)
+    betas: list[float] = _help("AdamW betas (two numbers in [0, 1)).", default_factory=lambda: [0.9, 0.999], ge=0)
+    grad_clip: float = _help("Global gradient-norm clip (0 = off).", default=1.0, ge=0)
+    warmup_steps: int = _help("Linear warm-up steps.", default=0, ge=0)
     schedule: Literal["constant", "cosine"] = _help("Learning-rate schedule after warm-up.", default="constant")
 
 
 @dataclass
 class TrainerConfig:
-    steps: int = _help("Training steps (one rollout batch each).", default=100)
-    micro_batch_size: int = _help("Sequences per forward/backward (gradient accumulation).", default=64)
-    checkpoint_every: int = _help("Checkpoint every N steps (and always at the end); 0 = only at the end.", default=50)
-    keep_checkpoints: int = _help("Checkpoints kept (oldest deleted); 0 = keep all.", default=2)
-    eval_every: int = _help("Held-out evaluation every N steps (and at start and end); 0 = only start and end.", default=0)
+    steps: int = _help("Training steps (one rollout batch each).", default=100, ge=1)
+    micro_batch_size: int = _help("Sequences per forward/backward (gradient accumulation).", default=64, ge=1)
+    checkpoint_every: int = _help("Checkpoint every N steps (and always at the end); 0 = only at the end.", default=50, ge=0)
+    keep_checkpoints: int = _help("Checkpoints kept (oldest deleted); 0 = keep all.", default=2, ge=0)
+    eval_every: int = _help("Held-out evaluation every N steps (and at start and end); 0 = only start and end.", default=0, ge=0)
     eval_at_start: bool = _help("Evaluate the starting model (the 'before' column).", default=True)
     eval_teachers: bool = _help("Also evaluate each teacher on its routed domains, in its own view.", default=False)
-    threads: int = _help("torch CPU threads of the trainer process (0 = torch's default).", default=0)
+    threads: int = _help("torch CPU threads of the trainer process (0 = torch's default).", default=0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = _help(
         "Where the student trains: 'auto' is CUDA when torch sees a GPU, else the CPU.", default="auto")
     precision: Literal["auto", "float32", "bf16_mixed"] = _help(
         "Training precision: 'bf16_mixed' computes in bf16 over fp32 master weights, optimizer state and fp32 "
         "gradient reduction (FSDP2's mixed precision); 'auto' is bf16_mixed on CUDA and float32 on the CPU.",
         default="auto")
-    world_size: int = _help("Training ranks (FSDP2 shards the student over them; across nodes with Ray).", default=1)
+    world_size: int = _help("Training ranks (FSDP2 shards the student over them; across nodes with Ray).", default=1, ge=1)
     launcher: Literal["auto", "local", "torchrun", "ray"] = _help(
         "How training ranks start: 'torchrun' (`torchrun --nproc-per-node N -m cli train ...`, no Ray), 'ray' "
         "(actors in the placement plan's bundles), 'local' (one rank in-process); 'auto' is torchrun inside a "
         "torchrun job, ray for world_size > 1, else local.", default="auto")
-    gpus_per_rank: float = _help("GPUs per training rank in the placement plan (CUDA training).", default=1.0)
+    gpus_per_rank: float = _help("GPUs per training rank in the placement plan (CUDA training).", default=1.0, ge=0)
     activation_checkpointing: Literal["auto", "on", "off"] = _help(
         "Recompute each decoder layer's activations in the backward pass; 'auto' is on for CUDA.", default="auto")
     offload: Literal["none", "cpu"] = _help(
         "FSDP2 CPU offload of parameters, gradients and optimizer state (few GPUs, large student).", default="none")
     collective_timeout_s: float = _help(
         "A collective that waits longer than this fails (a dead or stuck rank stops the job, not hangs it).",
-        default=900.0)
+        default=900.0, gt=0)
     logprob_chunk_rows: int = _help(
-        "Token rows per chunk of the hidden-state log-prob pass (0 = sized from a memory budget).", default=0)
-    weight_sync_mb: float = _help("Size of the weight buckets streamed from the shards to the engines.", default=512.0)
+        "Token rows per chunk of the hidden-state log-prob pass (0 = sized from a memory budget).", default=0, ge=0)
+    weight_sync_mb: float = _help("Size of the weight buckets streamed from the shards to the engines.", default=512.0, gt=0)
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = _help("Generation cap in evaluation.", default=48)
-    batch_size: int = _help("Prompts per generate call in evaluation.", default=64)
+    max_new_tokens: int = _help("Generation cap in evaluation.", default=48, ge=1)
+    batch_size: int = _help("Prompts per generate call in evaluation.", default=64, ge=1)
     greedy: bool = _help("Greedy decoding (else sampling at rollout.temperature).", default=True)
     engine: Literal["auto", "hf", "rollout"] = _help(
         "What generates held-out answers, with the student's synced weights: 'rollout' (the rollout engines), "
@@ -306,21 +362,12 @@ class JobConfig:
     cluster: ClusterConfig = _help("The cluster the placement must fit.", default_factory=ClusterConfig)
 
     def validate(self) -> None:
-        names = [t.name for t in self.teachers]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"teachers: duplicate teacher names {duplicates}")
-        if self.algorithm.advantage == "mopd" and not self.teachers:
-            raise ValueError("algorithm.advantage is 'mopd' but no teachers are configured")
-        if self.rollout.group_size < 1:
-            raise ValueError("rollout.group_size must be >= 1")
-        if self.trainer.world_size < 1:
-            raise ValueError("trainer.world_size must be >= 1")
-        if self.model.lora.enabled and self.trainer.world_size > 1:
-            raise ValueError("model.lora with trainer.world_size > 1 is not supported: LoRA trains on one rank")
-        if self.trainer.precision == "bf16_mixed" and self.model.dtype != "float32":
-            raise ValueError("trainer.precision 'bf16_mixed' keeps fp32 master weights: set model.dtype to float32 "
-                             f"(got {self.model.dtype!r})")
+        """Every cross-field rule, in one place: `load_config` runs it, so `check`, `train`, `eval` and the demo
+        see the same verdict (ValueError; the loader adds the file)."""
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError(problems[0] + (f" (and {len(problems) - 1} more: {'; '.join(problems[1:])})"
+                                            if len(problems) > 1 else ""))
 
     @property
     def run_dir(self) -> Path:
@@ -334,3 +381,73 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[J
     data = apply_overrides(data, list(overrides or []), provenance)
     cfg = build_dataclass(JobConfig, data, provenance)
     return cfg, to_dict(cfg)
+
+
+# Advantage estimators that normalise within a prompt's group: with one response per prompt every advantage is 0.
+GROUP_ESTIMATORS = ("grpo", "gspo")
+
+
+def cross_field_problems(cfg: JobConfig) -> list[str]:
+    """Rules that tie two or more keys together (each key's own type and bounds are the loader's)."""
+    problems: list[str] = []
+    alg, g = cfg.algorithm, cfg.rollout.group_size
+    names = [t.name for t in cfg.teachers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(f"teachers: duplicate teacher names {duplicates}")
+    if alg.advantage == "mopd" and not cfg.teachers:
+        problems.append("algorithm.advantage is 'mopd' but no teachers are configured")
+    if g == 1:
+        one = "rollout.group_size is 1 (one response per prompt)"
+        if alg.filter_zero_variance_groups:
+            problems.append(f"algorithm.filter_zero_variance_groups needs rollout.group_size >= 2: a group of one "
+                            f"response always has zero variance, so every token would be masked ({one})")
+        if alg.advantage in GROUP_ESTIMATORS:
+            problems.append(f"algorithm.advantage {alg.advantage!r} normalises rewards within a group: every "
+                            f"advantage would be 0 ({one}); use rollout.group_size >= 2")
+        if alg.outcome_weight > 0:
+            problems.append(f"algorithm.outcome_weight > 0 adds a group-normalised outcome advantage, always 0 "
+                            f"with {one}")
+        if alg.mopd_baseline == "group":
+            problems.append(f"algorithm.mopd_baseline 'group' subtracts the other responses' mean: there are none "
+                            f"({one})")
+    if alg.mismatch == "mask" and alg.mismatch_low >= alg.mismatch_high:
+        problems.append(f"algorithm.mismatch_low ({alg.mismatch_low}) must be below mismatch_high "
+                        f"({alg.mismatch_high})")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        problems.append(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if alg.mopd_topk and not all(t.topk >= alg.mopd_topk for t in cfg.teachers):
+        problems.append(f"algorithm.mopd_topk={alg.mopd_topk} needs every teacher's topk >= {alg.mopd_topk}")
+    problems.extend(_logit_loss_problems(cfg))
+    if cfg.model.lora.enabled and cfg.trainer.world_size > 1:
+        problems.append("model.lora with trainer.world_size > 1 is not supported: LoRA trains on one rank")
+    if cfg.trainer.precision == "bf16_mixed" and cfg.model.dtype != "float32":
+        problems.append("trainer.precision 'bf16_mixed' keeps fp32 master weights: set model.dtype to float32 "
+                        f"(got {cfg.model.dtype!r})")
+    return problems
+
+
+def _logit_loss_problems(cfg: JobConfig) -> list[str]:
+    from rl.algorithms import LOGIT_LOSSES
+
+    problems = []
+    without_topk = [t.name for t in cfg.teachers if t.topk <= 0]
+    for name, weight in cfg.algorithm.logit_losses.items():
+        if name not in LOGIT_LOSSES:
+            problems.append(f"algorithm.logit_losses.{name}: {LOGIT_LOSSES.unknown(name)}")
+        elif LOGIT_LOSSES.info(name).get("needs_teacher_topk") and (without_topk or not cfg.teachers):
+            problems.append(f"algorithm.logit_losses.{name} needs teachers with topk > 0 "
+                            f"(not: {without_topk or 'no teachers'})")
+        if not weight >= 0:
+            problems.append(f"algorithm.logit_losses.{name}: weight must be >= 0, got {weight}")
+    return problems
+
+
+def algorithm_default(key: str) -> Any:
+    """`AlgorithmConfig`'s declared default of `key`: what an algorithm reads when its cfg lacks the key."""
+    for f in dataclasses.fields(AlgorithmConfig):
+        if f.name == key:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory()  # type: ignore[misc]
+    raise KeyError(f"{key!r} is not an algorithm option (rl.config.AlgorithmConfig)")

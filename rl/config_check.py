@@ -5,29 +5,18 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from rl.algorithms import advantage_estimator_names, get_logit_loss, logit_loss_names, policy_loss_names
-from rl.config import JobConfig
+from rl.algorithms import advantage_estimator_names, policy_loss_names
+from rl.config import JobConfig, cross_field_problems
 
 
 def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str], list[str]]:
     """(problems, notes). Problems make `check` fail; notes say what could not be verified here."""
-    problems: list[str] = []
+    problems: list[str] = list(cross_field_problems(cfg))  # raised already by `load_config`; not by JobConfig()
     notes: list[str] = []
-    alg = cfg.algorithm
-    if alg.advantage not in advantage_estimator_names():
-        problems.append(f"algorithm.advantage: {alg.advantage!r} is not registered ({', '.join(advantage_estimator_names())})")
-    if alg.policy_loss not in policy_loss_names():
-        problems.append(f"algorithm.policy_loss: {alg.policy_loss!r} is not registered ({', '.join(policy_loss_names())})")
-    if alg.mopd_topk and not all(t.topk >= alg.mopd_topk for t in cfg.teachers):
-        problems.append(f"algorithm.mopd_topk={alg.mopd_topk} needs every teacher's topk >= {alg.mopd_topk}")
-    known_logit_losses = logit_loss_names()
-    without_topk = [t.name for t in cfg.teachers if t.topk <= 0]
-    for name in alg.logit_losses:
-        if name not in known_logit_losses:
-            problems.append(f"algorithm.logit_losses.{name}: not a registered logit loss ({', '.join(known_logit_losses)})")
-        elif get_logit_loss(name).needs_teacher_topk and (without_topk or not cfg.teachers):
-            problems.append(f"algorithm.logit_losses.{name} needs teachers with topk > 0 "
-                            f"(not: {without_topk or 'no teachers'})")
+    for key, name, names in (("algorithm.advantage", cfg.algorithm.advantage, advantage_estimator_names()),
+                             ("algorithm.policy_loss", cfg.algorithm.policy_loss, policy_loss_names())):
+        if name not in names:
+            problems.append(f"{key}: {name!r} is not registered ({', '.join(names)})")
 
     from rl.placement import plan_placement, validate_placement
 
@@ -35,10 +24,12 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
     notes.append(plan_placement(cfg).format())
 
     from rewards.registry import get_reward
+    from rewards.timeouts import call_with_timeout
 
     for domain, spec in cfg.rewards.routes.items():
-        try:
-            get_reward(spec)
+        try:  # importing a user's module may block: bounded like every other reward call
+            call_with_timeout(lambda spec=spec: get_reward(spec), cfg.rewards.load_timeout_s,
+                              f"loading reward {spec!r:.80}")
         except Exception as err:  # noqa: BLE001 - report any failure to resolve, with its key
             problems.append(f"rewards.routes.{domain}: {err}")
 
@@ -70,16 +61,7 @@ def check_config(cfg: JobConfig, require_files: bool = False) -> tuple[list[str]
         if missing:
             problems.append(f"rewards.routes: no reward for training domain(s) {missing}")
 
-    from models.factory import inference_dtype
-
-    engines = [("rollout.engine_args", cfg.rollout.backend, cfg.rollout.engine_args)] + [
-        (f"teachers.{i}.engine_args", t.backend, t.engine_args) for i, t in enumerate(cfg.teachers)]
-    for key, backend, args in engines:
-        if backend == "hf" and "dtype" in args:
-            try:  # the engines' own check, run before anything loads
-                inference_dtype(args["dtype"], f"{key}.dtype")
-            except ValueError as err:
-                problems.append(str(err))
+    problems.extend(_check_template_kwargs(cfg))
 
     backends = {cfg.rollout.backend} | {t.backend for t in cfg.teachers}
     if "vllm" in backends and importlib.util.find_spec("vllm") is None:
@@ -109,9 +91,16 @@ def _check_task_sources(cfg: JobConfig) -> list[str]:
                 problems.append(f"{key}.source: {err.args[0]}")
                 continue
             params = inspect.signature(factory).parameters
+            target = factory
             if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-                target = getattr(factory, "__wrapped__", None) or _source_class(factory)
-                params = inspect.signature(target).parameters if target is not None else params
+                target = getattr(factory, "__wrapped__", None) or _source_class(factory) or factory
+                params = inspect.signature(target).parameters
+            static_check = getattr(target, "check_args", None)
+            if static_check is not None:  # the source's own cheap validation (annotation files, no decoding)
+                try:
+                    static_check(**task.args)
+                except (ValueError, OSError, TypeError) as err:
+                    problems.append(f"{key}.args: {err}")
             if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
                 continue
             for arg in task.args:
@@ -150,3 +139,28 @@ def _static_domains(tasks) -> set[str]:
         elif "domain" in task.args:
             domains.add(task.args["domain"])
     return domains
+
+
+def _check_template_kwargs(cfg: JobConfig) -> list[str]:
+    """`template_kwargs` keys are variables of a chat template: refused when the template (read from the
+    tokenizer folder, no weights) never reads them. Skipped where the folder is absent (a note elsewhere)."""
+    from models.templates import template_variables
+
+    owners = [("model.template_kwargs", cfg.model.template_kwargs,
+               cfg.model.path if cfg.model.tokenizer == "model" else cfg.model.tokenizer)]
+    owners += [(f"teachers.{i}.template_kwargs", t.template_kwargs, t.path) for i, t in enumerate(cfg.teachers)]
+    problems = []
+    for key, kwargs, folder in owners:
+        if not kwargs or folder in (None, "embedded") or not Path(folder).is_dir():
+            continue
+        variables = template_variables(folder)
+        if variables is None:
+            continue
+        import difflib
+
+        for name in kwargs:
+            if name not in variables:
+                close = difflib.get_close_matches(name, sorted(variables), n=1, cutoff=0.5)
+                hint = f"; did you mean '{key}.{close[0]}'?" if close else ""
+                problems.append(f"{key}.{name}: the chat template of {folder} never reads {name!r}{hint}")
+    return problems

@@ -131,6 +131,10 @@ def build_dataclass(cls: type, data: Any, provenance: dict[str, str], prefix: st
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, provenance, f"{prefix}{name}")
+        _check_bounds(fields[name], kwargs[name], provenance, f"{prefix}{name}")
+    for name, f in fields.items():
+        if "options" in f.metadata:  # a backend's typed option section, checked against the chosen backend
+            kwargs[name] = _backend_options(f, fields, kwargs, data, provenance, prefix)
     try:
         obj = cls(**kwargs)
     except TypeError as err:  # a required field is missing
@@ -142,6 +146,46 @@ def build_dataclass(cls: type, data: Any, provenance: dict[str, str], prefix: st
         except ValueError as err:
             raise ConfigError(_where(provenance, prefix.rstrip(".")) + str(err)) from err
     return obj
+
+
+def _check_bounds(f: dataclasses.Field, value: Any, provenance: dict[str, str], key: str) -> None:
+    """The field's declared bounds (`ge`, `gt`, `le`; each item of a list) and registered `choices`."""
+    meta = f.metadata
+    choices = meta.get("choices")
+    if choices is not None and value is not None:
+        names = choices()
+        if value not in names:
+            close = difflib.get_close_matches(str(value), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(_where(provenance, key) + f"key '{key}': {value!r} is not registered "
+                              f"(registered: {', '.join(names)}){hint}")
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        for bound, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                                ("le", lambda a, b: a <= b, "<=")):
+            if bound in meta and not ok(item, meta[bound]):
+                raise ConfigError(_where(provenance, key) + f"key '{key}': must be {word} {meta[bound]:g}, got {item!r}")
+
+
+def _backend_options(f: dataclasses.Field, fields: dict, kwargs: dict, data: dict, provenance: dict[str, str],
+                     prefix: str) -> Any:
+    """Validate a backend's option mapping against its typed section and return it complete (every key, the
+    section's defaults filled in), so that what the engine receives is what `config.yaml` records."""
+    sibling = f.metadata["options_of"]
+    backend = kwargs.get(sibling, fields[sibling].default)
+    section = f.metadata["options"](backend)
+    value = kwargs.get(f.name, {})
+    if section is None:  # a backend registered without an option class: any mapping
+        return value
+    key = f"{prefix}{f.name}"
+    if f.name not in data:
+        provenance.setdefault(key, _where(provenance, prefix.rstrip(".")).rstrip(": "))
+    try:
+        return to_dict(build_dataclass(section, value, provenance, key + "."))
+    except ConfigError as err:
+        raise ConfigError(f"{err} ({sibling} {backend!r})") from None
 
 
 def _coerce(hint: Any, value: Any, provenance: dict[str, str], key: str) -> Any:
@@ -219,19 +263,52 @@ def to_dict(obj: Any) -> Any:
 
 
 def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, from the `help` metadata: the README's key reference."""
+    """(dotted key, default, help) for every field, from the `help` metadata: the README's key reference.
+
+    Items of a list of sections appear as `teachers[].name`; a backend's typed option section as one row per
+    key and backend, `rollout.engine_args.dtype (hf)`."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
+        item = _list_item_section(hint)
         if dataclasses.is_dataclass(hint):
             rows.extend(describe_fields(hint, f"{prefix}{f.name}."))
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = repr(f.default_factory())  # type: ignore[misc]
-        else:
-            default = "(required)"
-        rows.append((f"{prefix}{f.name}", default, f.metadata.get("help", "")))
+        if item is not None:
+            rows.append((f"{prefix}{f.name}", _default_repr(f), f.metadata.get("help", "")))
+            rows.extend(describe_fields(item, f"{prefix}{f.name}[]."))
+            continue
+        rows.append((f"{prefix}{f.name}", _default_repr(f), f.metadata.get("help", "")))
+        if "options" in f.metadata:
+            rows.extend(_option_rows(f, cls, f"{prefix}{f.name}"))
+    return rows
+
+
+def _list_item_section(hint: Any) -> type | None:
+    if get_origin(hint) is list:
+        (item,) = get_args(hint) or (Any,)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+def _default_repr(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return repr(f.default)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return repr(f.default_factory())  # type: ignore[misc]
+    return "(required)"
+
+
+def _option_rows(f: dataclasses.Field, owner: type, key: str) -> list[tuple[str, str, str]]:
+    """One row per key of each registered backend's option section."""
+    sibling = next(s for s in dataclasses.fields(owner) if s.name == f.metadata["options_of"])
+    rows = []
+    for backend in sibling.metadata["choices"]():
+        section = f.metadata["options"](backend)
+        if section is None:
+            continue
+        for sub, default, help_text in describe_fields(section):
+            rows.append((f"{key}.{sub} ({backend})", default, help_text))
     return rows

@@ -1,5 +1,6 @@
 """`eval CHECKPOINT|RUN_DIR`: score checkpoints on held-out tasks (the run's own, or a benchmark adapter),
-with the same reward functions (or the benchmark's official scorer) as everywhere else."""
+with the same reward functions (or the benchmark's official scorer) as everywhere else, through the trainer's
+own evaluator (`rl.evaluation`: video decoding, sampling settings and reward inputs included)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ from rewards.scorer import RewardScorer
 from rl.checkpoint import STEP_DIR, list_checkpoints
 from rl.config import JobConfig, TaskConfig, load_config
 from rl.data import load_tasks
-from rl.evaluation import evaluate_model, generate_completions
-from rollout.base import SamplingSettings
+from rl.evaluation import eval_settings, evaluate_samples, generate_completions, prepare_eval_samples
 
 
 def _find_config(path: Path, explicit: str | None) -> Path:
@@ -37,17 +37,24 @@ def run_eval(args: argparse.Namespace) -> int:
     path = Path(args.path).resolve()  # `final` is a link into checkpoints/
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
-    cfg, _ = load_config(_find_config(path, args.config))
+    config_path = _find_config(path, args.config)
+    cfg, _ = load_config(config_path)
     evaluator = CheckpointEvaluator(cfg, args)
     if _is_run_dir(path):
-        if args.watch:
-            from evals.watch import watch
+        from evals.watch import cadence_steps, run_finished, watch
 
-            watch(path, evaluator, poll_s=args.poll, results_dir=evaluator.results_dir)
+        t = cfg.trainer
+        expected = cadence_steps(t.checkpoint_every, t.eval_every, t.steps)
+        if args.watch:  # until the run ends (`final` at its last step) and everything is scored; Ctrl-C stops it
+
+            def finished() -> bool:
+                steps = load_config(config_path)[0].trainer.steps if config_path.exists() else t.steps
+                return run_finished(path, steps)  # a resumed run may have raised trainer.steps
+
+            watch(path, evaluator, poll_s=args.poll, results_dir=evaluator.results_dir, finished=finished,
+                  expected_steps=expected)
             return 0
-        from evals.watch import watch
-
-        watch(path, evaluator, poll_s=0, max_idle_s=0, results_dir=evaluator.results_dir)
+        watch(path, evaluator, poll_s=0, max_idle_s=0, results_dir=evaluator.results_dir, expected_steps=expected)
         from evals.retention import format_retention, retention_report
 
         rows = retention_report(path, results_dir=evaluator.results_dir)
@@ -90,13 +97,20 @@ class CheckpointEvaluator:
                 self.samples = [s for s in self.samples if s.domain in keep]
             if args.limit:
                 self.samples = self.samples[: args.limit]
-        self.settings = SamplingSettings(max_new_tokens=cfg.eval.max_new_tokens, greedy=cfg.eval.greedy, seed=cfg.run.seed)
+        self._decoded: dict[Any, list] = {}  # held-out samples decoded per vision layout (same for a run's checkpoints)
+
+    def _eval_samples(self, layout) -> list:
+        key = None if layout is None else (layout.patch_size, layout.merge_size)
+        if key not in self._decoded:
+            self._decoded[key] = prepare_eval_samples(self.samples, self.cfg.data, layout)
+        return self._decoded[key]
 
     def __call__(self, checkpoint: Path) -> dict[str, Any]:
         checkpoint = Path(checkpoint)
         model = load_model(checkpoint).eval()
         tokenizer = load_tokenizer(checkpoint)
-        renderer = ChatRenderer(tokenizer, vision_layout(model), self.cfg.model.template_kwargs)
+        layout = vision_layout(model)
+        renderer = ChatRenderer(tokenizer, layout, self.cfg.model.template_kwargs)
         match = STEP_DIR.match(checkpoint.name)
         step = int(match.group(1)) if match else -1
         if self.benchmark:
@@ -106,14 +120,15 @@ class CheckpointEvaluator:
             if self.benchmark == "niah":
                 args["tokenizer"] = tokenizer
             samples = load_tasks([TaskConfig(source=self.benchmark, args=args)], self.cfg.run.seed)
-            completions = generate_completions(model, renderer, samples, self.settings, self.cfg.eval.batch_size)
+            samples = prepare_eval_samples(samples, self.cfg.data, layout)
+            completions = generate_completions(model, renderer, samples, eval_settings(self.cfg, renderer),
+                                               self.cfg.eval.batch_size)
             metrics = score_generations(self.benchmark, samples, completions)
             return {"step": step, "checkpoint": str(checkpoint), "benchmark": self.benchmark, "metrics": metrics,
                     "examples": [{"id": s.id, "completion": c} for s, c in list(zip(samples, completions))[:5]]}
-        with RewardScorer(self.cfg.rewards.routes, num_workers=self.cfg.rewards.num_workers,
-                          timeout_s=self.cfg.rewards.timeout_s, on_error=self.cfg.rewards.on_error) as scorer:
-            report = evaluate_model(model, renderer, self.samples, scorer, self.cfg.rewards.routes, self.settings,
-                                    self.cfg.eval.batch_size)
+        samples = self._eval_samples(layout)
+        with RewardScorer.from_config(self.cfg.rewards) as scorer:
+            report = evaluate_samples(self.cfg, model, renderer, samples, scorer, step)
         return {"step": step, "checkpoint": str(checkpoint), "domains": report}
 
 

@@ -30,23 +30,21 @@ import yaml
 
 from models.chat import ChatRenderer
 from models.factory import quiet_libraries
+from rewards.inputs import RewardTrainerState, reward_requests
 from rewards.scorer import RewardScorer
 from rl.algorithms import get_advantage_estimator, get_policy_loss, token_loss_mask
 from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rl.config import JobConfig
 from rl.data import PromptStream, load_tasks
-from rl.evaluation import evaluate_model
+from rl.evaluation import evaluate_samples, prepare_eval_samples, video_options
 from rl.logger import MetricsLogger
 from rl.placement import evaluation_engine, plan_placement, ray_bundles
 from rl.rollouts import Rollouts
 from rl.student import resolve_tokenizer, student_vision_layout
 from rl.worker_group import PolicyGroup
 from rollout.base import SamplingSettings
+from teachers.backends import teacher_backend_target
 from teachers.routing import Route, TeacherRouter
-
-# Teacher backends by config name: "module:Class" hosted in the teacher actors.
-TEACHER_BACKENDS = {"hf": "teachers.hf_teacher:HFTeacher", "vllm": "teachers.vllm_teacher:VLLMTeacher"}
-
 
 class Trainer:
     def __init__(self, cfg: JobConfig, resolved: dict[str, Any] | None = None, policy: PolicyGroup | None = None):
@@ -69,8 +67,7 @@ class Trainer:
         self.train_samples = load_tasks(cfg.data.train, cfg.run.seed, weighted=True)
         self.eval_samples = load_tasks(cfg.data.eval, cfg.run.seed)
         self.stream = self._prompt_stream(layout)
-        self.scorer = RewardScorer(cfg.rewards.routes, num_workers=cfg.rewards.num_workers,
-                                   timeout_s=cfg.rewards.timeout_s, on_error=cfg.rewards.on_error)
+        self.scorer = RewardScorer.from_config(cfg.rewards)
         self._check_reward_routes()
         self.estimator = get_advantage_estimator(cfg.algorithm.advantage)
         self.uses_pi_old = self._needs_old_logprobs()
@@ -88,15 +85,11 @@ class Trainer:
     def _prompt_stream(self, layout):
         """Training prompts in seeded order, with videos decoded by background workers ahead of the trainer;
         held-out videos are decoded once here. Unusable videos are skipped, counted and reported."""
-        from tasks.prefetch import PrefetchingStream, decode_samples
+        from tasks.prefetch import PrefetchingStream
 
         d = self.cfg.data
-        size = tuple(d.video_size) if isinstance(d.video_size, list) else (d.video_size or (32, 32))
-        video = dict(fps=d.video_fps, max_frames=d.video_max_frames, size=size,
-                     multiple=layout.patch_size * layout.merge_size if layout else 32)
-        self.eval_samples, skipped = decode_samples(self.eval_samples, workers=d.decode_workers, **video)
-        if skipped:
-            print(f"eval: skipped {len(skipped)} samples with unusable videos, e.g. {skipped[:3]}", flush=True)
+        video = video_options(d, layout)
+        self.eval_samples = prepare_eval_samples(self.eval_samples, d, layout)
         return PrefetchingStream(PromptStream(self.train_samples, self.cfg.run.seed), workers=d.decode_workers,
                                  prefetch_batches=d.prefetch_batches, **video)
 
@@ -152,7 +145,7 @@ class Trainer:
             kwargs = {"name": t.name, "path": t.path, "view": t.view, "topk": t.topk, "batch_size": t.batch_size,
                       "template_kwargs": t.template_kwargs, **t.engine_args}
             pools[t.name] = ActorPool(
-                f"teacher {t.name}", TEACHER_BACKENDS[t.backend], kwargs, num_workers=t.num_workers,
+                f"teacher {t.name}", teacher_backend_target(t.backend), kwargs, num_workers=t.num_workers,
                 threads=t.threads_per_worker, gpus_per_worker=t.gpus_per_worker,
                 ray_address=self.cfg.rollout.ray_address, bundles=self.bundles.get(f"teacher:{t.name}"))
         router = TeacherRouter(routes)
@@ -268,11 +261,8 @@ class Trainer:
                                          self.renderer.decode_response).to(self.device)
 
     def _score_rewards(self, rollouts: Rollouts) -> None:
-        result = self.scorer.score([
-            {"id": s.id, "domain": s.domain, "prompt": _prompt_text(s), "completion": c, "reference": s.reference,
-             "metadata": s.metadata, "reward": s.reward}
-            for s, c in zip(rollouts.samples, rollouts.completions)
-        ])
+        requests = reward_requests(rollouts.samples, rollouts.completions, rollouts.unpadded_responses())
+        result = self.scorer.score(requests, trainer_state=RewardTrainerState(self.step, self.cfg.trainer.steps))
         rollouts.rewards = torch.as_tensor(result.rewards, dtype=torch.float32, device=self.device)
         rollouts.reward_invalid = torch.as_tensor(result.invalid, dtype=torch.bool, device=self.device)
         rollouts.metrics.update(result.metrics())
@@ -331,12 +321,6 @@ class Trainer:
     def _evaluated(self, step: int) -> bool:
         return any(e["step"] == step for e in self.eval_history)
 
-    def _eval_settings(self) -> SamplingSettings:
-        return SamplingSettings(
-            max_new_tokens=self.cfg.eval.max_new_tokens, temperature=self.cfg.rollout.temperature,
-            greedy=self.cfg.eval.greedy, seed=self.cfg.run.seed, suppress_token_ids=self.renderer.placeholder_ids,
-        )
-
     def _eval_generate(self, prompts, settings):
         if self.eval_engine is not None:
             return self.eval_engine.generate(prompts, settings)
@@ -346,8 +330,8 @@ class Trainer:
                                      combine=combine_generations, describe=lambda shard: f"{len(shard)} eval prompts")
 
     def evaluate(self, step: int) -> dict[str, Any]:
-        report = evaluate_model(None, self.renderer, self.eval_samples, self.scorer, self.cfg.rewards.routes,
-                                self._eval_settings(), self.cfg.eval.batch_size, generate=self._eval_generate)
+        report = evaluate_samples(self.cfg, None, self.renderer, self.eval_samples, self.scorer, step,
+                                  engine=self._eval_generate)
         result = {"step": step, "domains": report}
         if self.cfg.trainer.eval_teachers and self.cfg.teachers:
             if not self.teacher_eval:
@@ -372,8 +356,7 @@ class Trainer:
                 continue
             model = load_model(t.path).to(self.device).eval()
             renderer = ChatRenderer(load_tokenizer(t.path), vision_layout(model), t.template_kwargs)
-            out[t.name] = evaluate_model(model, renderer, samples, self.scorer, self.cfg.rewards.routes,
-                                         self._eval_settings(), self.cfg.eval.batch_size, view=t.view)
+            out[t.name] = evaluate_samples(self.cfg, model, renderer, samples, self.scorer, self.step, view=t.view)
         return out
 
     def write_summary(self) -> dict[str, Any]:
@@ -423,14 +406,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _prompt_text(sample) -> str:
-    parts = []
-    for m in sample.messages:
-        c = m["content"]
-        parts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text"))
-    return "\n".join(parts)
 
 
 def _atomic_write_json(path: Path, data: Any) -> None:

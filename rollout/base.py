@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
+from core.registry import Registry
 from models.chat import RenderedPrompt
+from rollout.options import HFEngineOptions, ReferenceEngineOptions, VLLMEngineOptions
 
 
 @dataclass
@@ -55,30 +57,31 @@ class RolloutEngine:
         raise NotImplementedError
 
 
-_ENGINES: dict[str, Callable[..., RolloutEngine]] = {}
+ENGINES: Registry[Callable[..., RolloutEngine]] = Registry("rollout backend")
+ENGINES.register("hf", "rollout.hf_engine:HFEngine", options=HFEngineOptions)
+ENGINES.register("vllm", "rollout.vllm_engine:VLLMEngine", options=VLLMEngineOptions)
+ENGINES.register("reference", "rollout.reference_engine:ReferenceEngine", options=ReferenceEngineOptions)
 
 
-def register_engine(name: str) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
-    def wrap(cls: Callable[..., RolloutEngine]) -> Callable[..., RolloutEngine]:
-        _ENGINES[name] = cls
-        return cls
+def register_engine(name: str, options: type | None = None) -> Callable[[Callable[..., RolloutEngine]], Callable[..., RolloutEngine]]:
+    """Decorator: make an engine class selectable as `rollout.backend: name`. `options`: the dataclass of its
+    `rollout.engine_args` keys (typed and checked by the config loader); None accepts any mapping."""
+    info = {"options": options} if options is not None else {}
+    return ENGINES.register(name, **info)
 
-    return wrap
+
+def engine_options(name: str) -> type | None:
+    """The typed `rollout.engine_args` section of backend `name` (None when it declares none)."""
+    return ENGINES.info(name).get("options")
 
 
 def get_engine_class(name: str) -> Callable[..., Any]:
-    if name not in _ENGINES:
-        if name == "vllm":
-            try:
-                import rollout.vllm_engine  # noqa: F401  (registers itself)
-            except ImportError as err:
-                raise ImportError(
-                    "rollout.backend=vllm needs vLLM: install it with `pip install -e \".[vllm]\"` "
-                    f"(import failed: {err})"
-                ) from err
-        else:
-            import rollout.hf_engine  # noqa: F401
-            import rollout.reference_engine  # noqa: F401
-    if name not in _ENGINES:
-        raise KeyError(f"unknown rollout backend {name!r}; registered: {', '.join(sorted(_ENGINES))}")
-    return _ENGINES[name]
+    try:
+        return ENGINES.get(name)
+    except ImportError as err:
+        if name != "vllm":
+            raise
+        raise ImportError(
+            "rollout.backend=vllm needs vLLM: install it with `pip install -e \".[vllm]\"` "
+            f"(import failed: {err})"
+        ) from err

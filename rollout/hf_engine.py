@@ -9,14 +9,15 @@ from models.batching import pack_prompts
 from models.chat import RenderedPrompt
 from models.factory import inference_dtype, load_model
 from rollout.base import Generations, RolloutEngine, SamplingSettings, register_engine
+from rollout.options import HFEngineOptions
 
 
-@register_engine("hf")
+@register_engine("hf", options=HFEngineOptions)
 class HFEngine(RolloutEngine):
     """Owns a copy of the student (loaded from a saved folder) and samples from it in batches."""
 
     def __init__(self, model_path: str | None = None, batch_size: int = 64, threads: int = 0, device: str = "cpu",
-                 model=None, dtype: str = "float32", **_: object):
+                 model=None, dtype: str = "float32"):
         """`dtype`: the precision of the engine's own copy of the weights (`rollout.engine_args.dtype`, e.g.
         "bfloat16"); synced float32 weights are cast into it."""
         if threads:

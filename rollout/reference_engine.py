@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from models.chat import RenderedPrompt
 from rollout.base import Generations, RolloutEngine, SamplingSettings, register_engine
+from rollout.options import ReferenceEngineOptions
 
 
-@register_engine("reference")
+@register_engine("reference", options=ReferenceEngineOptions)
 class ReferenceEngine(RolloutEngine):
-    def __init__(self, **_: object):
-        pass
+    def __init__(self, model_path: str | None = None, batch_size: int = 64):
+        """The trainer's `model_path` and `batch_size` are accepted and unused: demonstrations need no model."""
 
     def generate(self, prompts: list[RenderedPrompt], settings: SamplingSettings, targets=None) -> Generations:
         if targets is None or len(targets) != len(prompts):

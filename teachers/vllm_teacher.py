@@ -9,7 +9,7 @@ Video views reach the teacher through the same embedding path as the rollout eng
 
 Keywords: those of `HFTeacher` (name, path, view, topk, batch_size, template_kwargs) plus `tensor_parallel_size`,
 `gpu_memory_utilization`, `kv_cache_memory_bytes`, `max_model_len`, `dtype`, `threads`, `llm_kwargs` with the
-meanings of rollout/vllm_engine.py.
+meanings of rollout/vllm_engine.py (typed in `teachers.options.VLLMTeacherOptions`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ class VLLMTeacher:
         dtype: str | None = None,
         threads: int = 0,
         llm_kwargs: dict[str, Any] | None = None,
-        **_: Any,
     ):
         from transformers import AutoConfig
 

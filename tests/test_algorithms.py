@@ -258,14 +258,33 @@ def test_grpo_default_aggregation_is_seq_mean_token_mean():
 
 
 def test_grpo_clip_defaults_and_cfg_as_attributes():
-    """cfg may be an object with attributes (the typed AlgorithmConfig) or a dict; missing keys take 0.2/0.2."""
+    """cfg may be an object with attributes (the typed AlgorithmConfig) or a dict; missing keys take the config's
+    declared defaults (clip 0.2 / 0.28), not a second set of defaults inside the loss."""
     from rl.config import AlgorithmConfig
 
     typed = run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, AlgorithmConfig(clip_low=0.2, clip_high=0.28))[0]
     assert typed == pytest.approx(run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, CFG)[0], abs=1e-12)
-    none = run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, None)[0]
-    ref, _ = token_clip_reference(LOGP, OLD, ADV_VARY, MASK, 0.2, 0.2, "seq_mean_token_mean")
-    assert none == pytest.approx(ref, abs=1e-12)
+    ref, _ = token_clip_reference(LOGP, OLD, ADV_VARY, MASK, 0.2, 0.28, "seq_mean_token_mean")
+    for partial in (None, {}, {"loss_agg": "seq_mean_token_mean"}):
+        assert run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, partial)[0] == pytest.approx(ref, abs=1e-12)
+    gspo_ref, _, _ = gspo_reference(LOGP, OLD, ADV_VARY, MASK, 0.2, 0.28)
+    assert run_loss("gspo", LOGP, OLD, ADV_VARY, MASK, None)[0] == pytest.approx(gspo_ref, abs=1e-12)
+
+
+def test_adv_eps_is_a_config_key_and_unknown_algorithm_keys_are_refused(tmp_path):
+    """`algorithm.adv_eps` loads from YAML and reaches the estimator; a key no option declares is a KeyError."""
+    from rl.algorithms import cfg_get
+    from rl.config import load_config
+
+    path = tmp_path / "job.yaml"
+    path.write_text("algorithm: {advantage: grpo, policy_loss: grpo, adv_eps: 0.5}\n")
+    cfg, _ = load_config(path)
+    rewards, groups = torch.tensor([1.0, 0.0]), torch.tensor([0, 0])
+    adv = get_advantage_estimator("grpo")(rewards, groups, torch.ones(2, 1), cfg.algorithm)
+    std = math.sqrt(0.5)  # unbiased std of {1, 0}
+    assert adv[:, 0].tolist() == pytest.approx([0.5 / (std + 0.5), -0.5 / (std + 0.5)], rel=1e-6)
+    with pytest.raises(KeyError, match="clip_hihg"):
+        cfg_get(cfg.algorithm, "clip_hihg")
 
 
 def test_unknown_loss_aggregation_is_an_error():
@@ -276,7 +295,7 @@ def test_unknown_loss_aggregation_is_an_error():
 def test_nll_with_sft_advantages_is_token_mean_negative_log_likelihood():
     mask = torch.tensor(MASK, dtype=torch.float64)
     adv = get_advantage_estimator("sft")(torch.zeros(4), torch.arange(4), mask, None)
-    loss, _, _ = run_loss("nll", LOGP, OLD, adv.tolist(), MASK, None)
+    loss, _, _ = run_loss("nll", LOGP, OLD, adv.tolist(), MASK, {"loss_agg": "token_mean"})
     tokens = [LOGP[i][j] for i in range(4) for j in range(4) if MASK[i][j]]
     assert loss == pytest.approx(-sum(tokens) / len(tokens), abs=1e-12)
 
@@ -344,8 +363,8 @@ def test_group_advantage_known_values():
 
 
 def test_registering_a_loss_and_an_estimator_is_one_function_and_one_name(monkeypatch):
-    monkeypatch.setattr(algorithms, "_POLICY_LOSSES", dict(algorithms._POLICY_LOSSES))
-    monkeypatch.setattr(algorithms, "_ADVANTAGE_ESTIMATORS", dict(algorithms._ADVANTAGE_ESTIMATORS))
+    monkeypatch.setattr(algorithms, "POLICY_LOSSES", algorithms.POLICY_LOSSES.copy())
+    monkeypatch.setattr(algorithms, "ADVANTAGE_ESTIMATORS", algorithms.ADVANTAGE_ESTIMATORS.copy())
 
     @algorithms.register_policy_loss("test_reinforce")
     def reinforce(logp, old_logp, advantages, mask, cfg, weights=None):

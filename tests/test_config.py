@@ -315,14 +315,15 @@ def test_demo_plan_stages_are_shipped_job_configs(monkeypatch):
     assert {t.path for t in cfg.teachers} | {cfg.model.path} <= produced
 
 
-def test_check_rejects_an_unknown_inference_dtype_naming_the_engine(tmp_path):
-    job = write(tmp_path, "job.yaml", {**BASE, "rollout": {"engine_args": {"dtype": "bf16"}},
-                                       "teachers": [{**BASE["teachers"][0], "engine_args": {"dtype": "bfloat16"}},
-                                                    {**BASE["teachers"][1], "engine_args": {"dtype": "half"}}]})
-    problems, _ = check_config(load_config(job)[0])
-    assert any(p.startswith("rollout.engine_args.dtype: 'bf16'") and "bfloat16" in p for p in problems)
-    assert any(p.startswith("teachers.1.engine_args.dtype: 'half'") for p in problems)
-    assert not any(p.startswith("teachers.0.") for p in problems)
+def test_engine_dtype_is_typed_per_backend_and_named_with_its_file(tmp_path):
+    job = write(tmp_path, "job.yaml", {**BASE, "rollout": {"engine_args": {"dtype": "bf16"}}})
+    with pytest.raises(ConfigError, match=r"job.yaml: key 'rollout.engine_args.dtype': expected one of 'float32', "
+                                          r"'bfloat16', 'float16', got 'bf16' \(backend 'hf'\)"):
+        load_config(job)
+    job = write(tmp_path, "job.yaml", {**BASE, "teachers": [{**BASE["teachers"][0], "engine_args": {"dtype": "bfloat16"}},
+                                                            {**BASE["teachers"][1], "engine_args": {"dtype": "half"}}]})
+    with pytest.raises(ConfigError, match=r"key 'teachers.1.engine_args.dtype': .* got 'half'"):
+        load_config(job)
 
 
 def test_task_source_weight_sets_its_share_of_the_training_pool_only(tmp_path):

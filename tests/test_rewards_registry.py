@@ -67,7 +67,7 @@ def test_builtins_registered_with_one_line_descriptions():
 
 
 def test_register_rejects_duplicates_bad_descriptions_and_bad_signatures():
-    with pytest.raises(ValueError, match="registered twice"):
+    with pytest.raises(ValueError, match="'temporal_iou' is already registered"):
         register_reward("temporal_iou", "again")(lambda completion, reference: 0.0)
     with pytest.raises(ValueError, match="one non-empty line"):
         register_reward("x_two_lines", "a\nb")

@@ -123,11 +123,59 @@ def test_errors_raise_naming_reward_and_sample(plugin_dir):
 
 
 def test_on_error_zero_counts_and_keeps_going(plugin_dir):
-    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, on_error="zero", base_dir=plugin_dir)
+    warnings = []
+    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, on_error="zero", base_dir=plugin_dir,
+                          max_error_frac=1.0, warn=warnings.append)
     result = scorer.score([sample(0, "d", "ok", "ok"), sample(1, "d", "boom", "x"), sample(2, "d", "nan", "x")])
     assert result.rewards.tolist() == [1.0, 0.0, 0.0]
     assert result.failed.tolist() == [False, True, True] and len(result.errors) == 2
     assert result.metrics()["reward/error_frac"] == pytest.approx(2 / 3)
+    assert len(warnings) == 1 and "reward 'plug.py:behave' failed on 2 of 3 samples so far" in warnings[0]
+    scorer.score([sample(3, "d", "boom", "x")])
+    assert len(warnings) == 1  # warned once per reward, counted every batch
+
+
+def test_on_error_zero_still_stops_a_reward_that_is_broken_for_every_sample(plugin_dir):
+    """Judged over the samples scored so far (from the 8th on): one failure in a small batch is noise."""
+    scorer = RewardScorer({"d": "plug.py:behave", "ok": "exact_match"}, num_workers=0, on_error="zero",
+                          base_dir=plugin_dir, warn=lambda m: None)
+    result = scorer.score([sample(0, "d", "boom", "x"), sample(1, "ok", "a", "a")])
+    assert result.failed.tolist() == [True, False]  # 1 of 1, but too few samples to call the reward broken
+    result = scorer.score([sample(i, "d", "ok", "ok") for i in range(5)] + [sample(9, "d", "boom", "x")])
+    assert result.failed.sum() == 1  # 2 of 7 so far: zeroed and counted
+    with pytest.raises(RewardError, match=r"reward 'plug.py:behave' failed on 6 of 11 samples so far, more than "
+                                          r"rewards.max_error_frac=0.5: it is broken, not flaky; latest: .*KeyError"):
+        scorer.score([sample(i, "d", "boom", "x") for i in range(4)])
+    broken = RewardScorer({"d": "plug.py:behave"}, num_workers=0, on_error="zero", base_dir=plugin_dir,
+                          warn=lambda m: None)
+    with pytest.raises(RewardError, match="failed on 8 of 8 samples so far"):  # 100% broken: the first batch
+        broken.score([sample(i, "d", "boom", "x") for i in range(8)])
+
+
+def test_in_process_scoring_enforces_the_timeout(plugin_dir):
+    """num_workers=0 used to wait forever on a reward that never returns; now the call is abandoned."""
+    import time
+
+    scorer = RewardScorer({"d": "plug.py:behave"}, num_workers=0, timeout_s=0.5, base_dir=plugin_dir)
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"sample 's0' .*timed out after 0.5s \(in-process"):
+        scorer.score([sample(0, "d", "sleep", "x"), sample(1, "d", "ok", "ok")])
+    assert time.monotonic() - start < 5
+    zero = RewardScorer({"d": "plug.py:behave"}, num_workers=0, timeout_s=0.5, on_error="zero",
+                        max_error_frac=1.0, base_dir=plugin_dir, warn=lambda m: None)
+    result = zero.score([sample(0, "d", "sleep", "x"), sample(1, "d", "ok", "ok")])
+    assert result.rewards.tolist() == [0.0, 1.0] and result.failed.tolist() == [True, False]
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_reward_module_that_blocks_at_import_is_an_error_not_a_hang(tmp_path, num_workers):
+    import time
+
+    (tmp_path / "stuck.py").write_text("import time\ntime.sleep(3600)\ndef r(completion, reference):\n    return 1.0\n")
+    start = time.monotonic()
+    with pytest.raises(RewardSpecError, match=r"loading reward 'stuck.py:r'.*timed out after 0.5s"):
+        RewardScorer({"d": "stuck.py:r"}, num_workers=num_workers, base_dir=tmp_path, load_timeout_s=0.5)
+    assert time.monotonic() - start < 5
 
 
 def test_wrong_length_from_trl_reward(plugin_dir):

@@ -35,7 +35,7 @@ def test_missing_vllm_names_the_install_command():
 def test_unknown_sync_method_is_named():
     from rollout.weight_sync import make_sync
 
-    with pytest.raises(KeyError, match="rollout.vllm.sync: unknown weight-sync method 'nccl2'"):
+    with pytest.raises(KeyError, match="rollout.engine_args.sync: unknown weight-sync method 'nccl2'"):
         make_sync("nccl2")
 
 

@@ -1,0 +1,38 @@
+"""Typed `teachers[].engine_args` sections, one per teacher backend: what each backend's constructor accepts
+besides the keys the trainer fills from the teacher's own entry (name, path, view, topk, batch_size,
+template_kwargs). Validated by the config loader against the teacher's `backend`, defaults filled in.
+
+Kept apart from the backends so that a config naming vLLM validates where vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from core.options import option
+
+
+@dataclass
+class HFTeacherOptions:
+    """A transformers-served teacher (`teachers[].backend: hf`)."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = option(
+        "Precision the teacher is served in (bfloat16: half the bytes per forward).", default="float32")
+    device: str = option("torch device of the teacher model.", default="cpu")
+
+
+@dataclass
+class VLLMTeacherOptions:
+    """A vLLM-served teacher (`teachers[].backend: vllm`; docs/vllm.md)."""
+
+    tensor_parallel_size: int = option("GPUs per teacher engine (give the actor as many: gpus_per_worker).",
+                                       default=1, ge=1)
+    gpu_memory_utilization: float | None = option("Share of device memory for weights + KV cache.", default=None,
+                                                  gt=0, le=1)
+    kv_cache_memory_bytes: int | None = option("KV cache size in bytes; overrides the utilisation.", default=None,
+                                               gt=0)
+    max_model_len: int | None = option("Context limit (null: the model config's).", default=None, ge=1)
+    dtype: str | None = option("Serving precision (null: float32 on CPU, vLLM's 'auto' on GPU).", default=None)
+    threads: int = option("torch CPU threads (0: leave as is).", default=0, ge=0)
+    llm_kwargs: dict[str, Any] = option("Any other vllm.LLM keyword argument, passed through.", default_factory=dict)
