@@ -13,9 +13,6 @@ def load_tasks(task_configs: list[Any], seed: int, weighted: bool = False) -> li
 
     `weighted` (the training pool): a source's `weight` sets its share - its samples enter the pool `weight`
     times (whole copies, plus a seeded subset for the fraction). Held-out sets are never reweighted."""
-    import tasks.embedded  # noqa: F401  (registers the embedded source)
-    import tasks.embedded_video  # noqa: F401  (registers embedded_video and video_files)
-
     try:  # benchmark adapters register themselves when their package is importable
         import evals  # noqa: F401
     except ImportError:

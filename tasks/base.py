@@ -105,6 +105,14 @@ class TaskSource:
 TASK_SOURCES: Registry[Callable[..., TaskSource]] = Registry("task source")
 
 
+# The embedded suite's sources, imported on first use: `datasets` (their storage) is needed only by jobs that
+# name them.
+for _name, _target in {"embedded": "tasks.embedded:EmbeddedTasks",
+                       "embedded_video": "tasks.embedded_video:EmbeddedVideoTasks",
+                       "video_files": "tasks.embedded_video:VideoFileTasks"}.items():
+    TASK_SOURCES.register(_name, _target)
+
+
 def register_task_source(name: str) -> Callable[[Callable[..., TaskSource]], Callable[..., TaskSource]]:
     """Decorator: make a task source constructible by name from YAML (`data.train: [{source: NAME, ...}]`)."""
     return TASK_SOURCES.register(name)
