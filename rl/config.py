@@ -57,6 +57,9 @@ class RunConfig:
     dir: str = _help("Parent folder of runs.", default="runs")
     seed: int = _help("Seed of everything (data order, sampling, init).", default=0)
     resume: bool = _help("Continue from the latest checkpoint of the run folder if there is one.", default=True)
+    allow_config_change: bool = _help(
+        "Resume a run folder although its recorded config differs in keys a resumed run should keep (algorithm, "
+        "data, model, ...); without it such a resume is refused with the keys named.", default=False)
 
 
 @dataclass

@@ -15,6 +15,7 @@ class MetricsLogger:
                  config: dict[str, Any] | None = None, desc: str = "train"):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep_records_up_to(self.path, start_step)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -60,6 +61,24 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old records (and a line cut short by a
+    kill) so that every step has exactly one record."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

@@ -77,9 +77,17 @@ class PolicyWorker:
             torch.set_num_threads(cfg.trainer.threads)
         torch.manual_seed(cfg.run.seed)
         self.tokenizer = resolve_tokenizer(cfg)
-        lm, self.frozen = build_student(cfg, self.tokenizer, device=self.device if cfg.trainer.offload == "none" else None)
-        self.lm = lm
         self.sharded = world_size > 1
+        init_device = self.device if cfg.trainer.offload == "none" else None
+        source = None  # rank 0's loaded student when the ranks start from a skeleton
+        if self.sharded and cfg.model.path is not None:
+            from rl.student import student_skeleton
+
+            lm = student_skeleton(cfg)
+            source = build_student(cfg, self.tokenizer)[0] if rank == 0 else None
+        else:
+            lm = build_student(cfg, self.tokenizer, device=init_device)[0]
+        self.lm = lm
         self.mixed = mixed_precision(cfg.trainer.precision, self.device)
         if activation_checkpointing(cfg.trainer.activation_checkpointing, self.device):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -89,6 +97,11 @@ class PolicyWorker:
             self._shard(self.module)
             if self.reference is not None:
                 self._shard(self.reference)
+            if any(p.is_meta for p in lm.parameters()):
+                self._materialize(self.module, source)
+                if self.reference is not None:
+                    self._materialize(self.reference, source)
+            del source
         else:
             self.module.to(self.device)
             if self.reference is not None:
@@ -105,9 +118,13 @@ class PolicyWorker:
 
     def _reference(self) -> LogprobModel:
         """The initial student, frozen (KL penalty), built like the student so it shards the same way."""
-        from rl.student import build_student
+        from rl.student import build_student, student_skeleton
 
-        ref, _ = build_student(self.cfg, self.tokenizer, device=self.device if self.cfg.trainer.offload == "none" else None)
+        if self.sharded and self.cfg.model.path is not None:
+            ref = student_skeleton(self.cfg)
+        else:
+            ref, _ = build_student(self.cfg, self.tokenizer,
+                                   device=self.device if self.cfg.trainer.offload == "none" else None)
         for p in ref.parameters():
             p.requires_grad_(False)
         return LogprobModel(ref.eval())
@@ -127,12 +144,27 @@ class PolicyWorker:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed else (
             MixedPrecisionPolicy())
         offload = CPUOffloadPolicy() if self.cfg.trainer.offload == "cpu" else OffloadPolicy()
-        if self.cfg.trainer.offload == "none":
-            module.to(self.device)
+        if self.cfg.trainer.offload == "none" and not any(p.is_meta for p in module.parameters()):
+            module.to(self.device)  # a skeleton gets its storage after sharding (`_materialize`)
         kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload)
         for layer in decoder_layers(module.lm):
             fully_shard(layer, **kwargs)
         fully_shard(module, **kwargs)
+
+    def _materialize(self, module: LogprobModel, source) -> None:
+        """Give a sharded skeleton its weights: storage for each rank's shards, then rank 0's loaded student
+        broadcast shard by shard (`source`, None on the other ranks), then every buffer (rotary tables are
+        not in the state dict) from rank 0."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        module.to_empty(device=self.device if self.cfg.trainer.offload == "none" else "cpu")
+        full = {f"lm.{k}": v for k, v in source.state_dict().items()} if source is not None else {}
+        set_model_state_dict(module, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        own = dict(source.named_buffers()) if source is not None else {}
+        for name, buffer in module.lm.named_buffers():
+            if source is not None:
+                buffer.copy_(own[name])
+            dist.broadcast(buffer, src=0)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim

@@ -41,6 +41,33 @@ def build_student(cfg, tokenizer, device: torch.device | str | None = None):
         spec = TinyModelSpec(**{k: v for k, v in vars(cfg.model.tiny).items()})
         with torch.device(device or "cpu"):
             model = build_model(spec, tokenizer, seed=cfg.run.seed).to(DTYPES[cfg.model.dtype])
+    return _finish(cfg, model, weights=True)
+
+
+def student_skeleton(cfg):
+    """The student loaded from `model.path` as modules on the meta device, without weights: what training ranks
+    other than 0 shard before rank 0 broadcasts the weights it loaded (no rank but 0 ever holds a full copy)."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    archs = getattr(config, "architectures", None) or []
+    if not archs or not hasattr(transformers, archs[0]):
+        raise ValueError(f"{cfg.model.path}/config.json: cannot tell the model class from architectures={archs}")
+    saved_dsa = getattr(config, "dsa", None) or getattr(config.get_text_config(), "dsa", None)
+    with torch.device("meta"):
+        model = getattr(transformers, archs[0])._from_config(config, dtype=DTYPES[cfg.model.dtype])
+        if saved_dsa:
+            from models.dsa import attach_dsa
+            from models.dsa.config import DSAConfig
+
+            attach_dsa(model, **DSAConfig.from_dict(dict(saved_dsa)).to_dict())
+        return _finish(cfg, model, weights=False)[0]
+
+
+def _finish(cfg, model, weights: bool):
+    """DSA, its training stage, the vision tower's source and freezing, LoRA: the same on a loaded model and on a
+    skeleton (`weights=False`: nothing is read from disk)."""
     dsa = cfg.model.dsa
     if dsa.enabled and not getattr(model.config, "dsa", None):
         from models.dsa import attach_dsa
@@ -52,7 +79,7 @@ def build_student(cfg, tokenizer, device: torch.device | str | None = None):
         from models.dsa.training import set_trainable_for_mode
 
         set_trainable_for_mode(model, dsa.stage)  # warm-up: indexers only; sparse: indexers + language model
-    if cfg.model.vision_from is not None:
+    if cfg.model.vision_from is not None and weights:
         from models.vision_init import load_vision_from
 
         load_vision_from(model, cfg.model.vision_from)

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from models.chat import ChatRenderer
 from models.factory import quiet_libraries
@@ -35,11 +34,13 @@ from rewards.scorer import RewardScorer
 from rl.algorithms import get_advantage_estimator, get_policy_loss, token_loss_mask
 from rl.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rl.config import JobConfig
+from rl.config_loader import to_dict
 from rl.data import PromptStream, load_tasks
 from rl.evaluation import evaluate_samples, prepare_eval_samples, video_options
 from rl.logger import MetricsLogger
 from rl.placement import evaluation_engine, plan_placement, ray_bundles
 from rl.rollouts import Rollouts
+from rl.run_dir import claim_run_dir
 from rl.student import resolve_tokenizer, student_vision_layout
 from rl.worker_group import PolicyGroup
 from rollout.base import SamplingSettings
@@ -51,8 +52,8 @@ class Trainer:
         quiet_libraries()
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(resolved or {}, sort_keys=False))
+        self.resolved = resolved if resolved is not None else to_dict(cfg)
+        claim_run_dir(self.run_dir, self.resolved, cfg.run.resume, cfg.run.allow_config_change)
         if cfg.trainer.threads:
             torch.set_num_threads(cfg.trainer.threads)
         _seed_everything(cfg.run.seed)
@@ -180,7 +181,7 @@ class Trainer:
         logger = MetricsLogger(
             self.run_dir, cfg.trainer.steps, self.step, progress=cfg.logging.progress,
             tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb, wandb_project=cfg.logging.wandb_project,
-            desc=cfg.run.name,
+            config=self.resolved, desc=cfg.run.name,
         )
         try:
             if self.step == 0 and cfg.trainer.eval_at_start and not self._evaluated(0):

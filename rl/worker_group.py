@@ -209,7 +209,7 @@ class RayPolicyGroup(PolicyGroup):
     def __init__(self, cfg, bundles: list[tuple[Any, int]] | None, gpus_per_rank: float):
         import ray
 
-        from rollout.actors import ensure_ray, host_actor
+        from rollout.actors import driver_identity, ensure_ray, host_actor
 
         ensure_ray(cfg.rollout.ray_address)
         actor_class = host_actor()
@@ -222,7 +222,8 @@ class RayPolicyGroup(PolicyGroup):
 
                 group, index = bundles[rank]
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)
-            self.actors.append(actor_class.options(**options).remote("rl.worker_group:RayPolicyRank", {}, cfg.trainer.threads))
+            self.actors.append(actor_class.options(**options).remote(
+                "rl.worker_group:RayPolicyRank", {}, cfg.trainer.threads, driver_identity()))
         address = ray.get(self.actors[0].call.remote("address"))
         self._gather([a.call.remote("start", cfg, rank, world, address) for rank, a in enumerate(self.actors)], "starting")
         self.device = torch.device("cpu")  # the driver holds no model

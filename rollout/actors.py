@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
+import threading
+import time
 from typing import Any
 from collections.abc import Callable
 
@@ -26,9 +29,13 @@ def build_object(target: str, kwargs: dict[str, Any]) -> Any:
 class HostActor:
     """Hosts one object built from `target` ("module:Class"); `call` runs one of its methods."""
 
-    def __init__(self, target: str, kwargs: dict[str, Any], threads: int):
+    def __init__(self, target: str, kwargs: dict[str, Any], threads: int, driver: tuple[str, int] | None = None):
+        """`driver`: (host, pid) of the process that owns the job; an actor on the same host ends itself when that
+        process is gone (a driver killed with -9 leaves a local Ray instance, and its actors, running)."""
         from models.factory import quiet_libraries
 
+        if driver is not None and driver[0] == socket.gethostname():
+            threading.Thread(target=_exit_with, args=(driver[1],), daemon=True, name="driver-watch").start()
         quiet_libraries()
         if threads:
             import torch
@@ -41,6 +48,23 @@ class HostActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _exit_with(pid: int, every_s: float = 1.0) -> None:
+    """End this process once process `pid` no longer exists."""
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
+        except PermissionError:  # alive, owned by another user
+            pass
+
+
+def driver_identity() -> tuple[str, int]:
+    """What actors watch: this host and process."""
+    return socket.gethostname(), os.getpid()
 
 
 def host_actor():
@@ -109,11 +133,12 @@ class ActorPool:
                 actor_class.options(
                     **options,
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
-                ).remote(target, kwargs, threads)
+                ).remote(target, kwargs, threads, driver_identity())
                 for group, i in bundles
             ]
         else:
-            self.actors = [actor_class.options(**options).remote(target, kwargs, threads) for i in range(num_workers)]
+            self.actors = [actor_class.options(**options).remote(target, kwargs, threads, driver_identity())
+                           for _ in range(num_workers)]
         # Surface construction errors (missing model folder, bad kwargs) now, with the pool's name.
         self._gather([a.pid.remote() for a in self.actors], ["starting"] * len(self.actors))
 
