@@ -107,7 +107,11 @@ class CheckpointEvaluator:
 
     def __call__(self, checkpoint: Path) -> dict[str, Any]:
         checkpoint = Path(checkpoint)
-        model = load_model(checkpoint).eval()
+        from rl.policy import resolve_device
+
+        # where the job trains (`trainer.device`, 'auto': CUDA when there is one): a large student is not
+        # evaluated on the CPU
+        model = load_model(checkpoint).to(resolve_device(self.cfg.trainer.device)).eval()
         tokenizer = load_tokenizer(checkpoint)
         layout = vision_layout(model)
         renderer = ChatRenderer(tokenizer, layout, self.cfg.model.template_kwargs)

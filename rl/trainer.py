@@ -38,14 +38,14 @@ from rl.config_loader import to_dict
 from rl.data import PromptStream, load_tasks
 from rl.evaluation import evaluate_samples, prepare_eval_samples, video_options
 from rl.logger import MetricsLogger
-from rl.placement import evaluation_engine, plan_placement, ray_bundles
+from rl.engines import start_eval_engine, start_policy, start_rollouts, start_teachers, uses_ray
+from rl.placement import plan_placement, ray_bundles
 from rl.rollouts import Rollouts
 from rl.run_dir import claim_run_dir
 from rl.student import resolve_tokenizer, student_vision_layout
 from rl.worker_group import PolicyGroup
 from rollout.base import SamplingSettings
-from teachers.backends import teacher_backend_target
-from teachers.routing import Route, TeacherRouter
+from teachers.routing import Route
 
 class Trainer:
     def __init__(self, cfg: JobConfig, resolved: dict[str, Any] | None = None, policy: PolicyGroup | None = None):
@@ -59,8 +59,8 @@ class Trainer:
         _seed_everything(cfg.run.seed)
         self.plan = plan_placement(cfg)
         print(self.plan.format(), flush=True)
-        self.bundles = ray_bundles(self.plan) if _uses_ray(cfg, self.plan) else {}
-        self.policy = policy or _start_policy(cfg, self.plan, self.bundles)
+        self.bundles = ray_bundles(self.plan) if uses_ray(self.plan) else {}
+        self.policy = policy or start_policy(cfg, self.plan, self.bundles)
         self.device = self.policy.device  # the controller's tensors: rank 0's device, or the CPU of a Ray driver
         self.tokenizer = resolve_tokenizer(cfg)
         layout = student_vision_layout(cfg, self.tokenizer)
@@ -76,9 +76,11 @@ class Trainer:
         self.eval_history: list[dict[str, Any]] = []
         if not self._maybe_resume():
             self._save(0)  # step 0: the starting model, what rollout engines load and "before" compares to
-        self.router, self.teacher_pools = self._start_teachers()
-        self.rollout_pool = self._start_rollouts()
-        self.eval_engine = self._start_eval_engine()
+        export = latest_checkpoint(self.run_dir)
+        self.router, self.teacher_pools = start_teachers(
+            cfg, self.bundles, sorted({s.domain for s in self.train_samples}), self.tokenizer)
+        self.rollout_pool = start_rollouts(cfg, export, self.bundles)
+        self.eval_engine = start_eval_engine(cfg, export, self.device)
         self.teacher_eval: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ setup
@@ -123,56 +125,6 @@ class Trainer:
         self.eval_history = state.get("eval_history", [])
         print(f"resumed {self.run_dir} from {folder.name} (step {self.step})", flush=True)
         return True
-
-    def _start_rollouts(self):
-        from rollout.actors import ActorPool
-
-        r = self.cfg.rollout
-        kwargs = {"model_path": str(latest_checkpoint(self.run_dir)), "batch_size": r.batch_size, **r.engine_args}
-        return ActorPool("rollout", "rollout.worker:RolloutWorker", {"backend": r.backend, "engine_kwargs": kwargs},
-                         num_workers=r.num_workers, threads=r.threads_per_worker, gpus_per_worker=r.gpus_per_worker,
-                         ray_address=r.ray_address, bundles=self.bundles.get("rollout"))
-
-    def _start_teachers(self) -> tuple[TeacherRouter | None, dict[str, Any]]:
-        if not self.cfg.teachers:
-            return None, {}
-        from rollout.actors import ActorPool
-
-        routes, pools = [], {}
-        for t in self.cfg.teachers:
-            if not Path(t.path).exists():
-                raise FileNotFoundError(f"teachers.{t.name}.path: {t.path} not found")
-            routes.append(Route(t.name, tuple(t.domains), tuple(t.modalities), t.weight))
-            kwargs = {"name": t.name, "path": t.path, "view": t.view, "topk": t.topk, "batch_size": t.batch_size,
-                      "template_kwargs": t.template_kwargs, **t.engine_args}
-            pools[t.name] = ActorPool(
-                f"teacher {t.name}", teacher_backend_target(t.backend), kwargs, num_workers=t.num_workers,
-                threads=t.threads_per_worker, gpus_per_worker=t.gpus_per_worker,
-                ray_address=self.cfg.rollout.ray_address, bundles=self.bundles.get(f"teacher:{t.name}"))
-        router = TeacherRouter(routes)
-        domains = sorted({s.domain for s in self.train_samples})
-        if router.uncovered(domains):
-            raise ValueError(f"teachers: no teacher serves domain(s) {router.uncovered(domains)}")
-        self._check_teacher_vocab()
-        return router, pools
-
-    def _check_teacher_vocab(self) -> None:
-        from models.factory import load_tokenizer
-
-        mine = hash(tuple(sorted(self.tokenizer.get_vocab().items())))
-        for t in self.cfg.teachers:
-            if hash(tuple(sorted(load_tokenizer(t.path).get_vocab().items()))) != mine:
-                raise ValueError(f"teacher {t.name!r} ({t.path}) has a different vocabulary from the student: "
-                                 "token-level distillation needs shared token ids")
-
-    def _start_eval_engine(self):
-        """The engine held-out answers come from, holding the student's synced weights (`eval.engine`)."""
-        if evaluation_engine(self.cfg) == "rollout":
-            return None
-        from rollout.hf_engine import HFEngine
-
-        return HFEngine(model_path=str(latest_checkpoint(self.run_dir)), batch_size=self.cfg.eval.batch_size,
-                        device=str(self.device))
 
     # ------------------------------------------------------------------ the loop
 
@@ -379,25 +331,6 @@ class Trainer:
         for pool in [*self.teacher_pools.values(), *([self.rollout_pool] if hasattr(self, "rollout_pool") else [])]:
             pool.shutdown()
         self.policy.close()
-
-
-# ---------------------------------------------------------------------- placement of the policy ranks
-
-
-def _uses_ray(cfg: JobConfig, plan) -> bool:
-    return plan.launcher == "ray" or any(r.workers for r in plan.roles if r.name != "trainer")
-
-
-def _start_policy(cfg: JobConfig, plan, bundles) -> PolicyGroup:
-    """The training ranks the plan asks for: one in-process rank, rank 0 of a torchrun job, or Ray actors."""
-    from rl.worker_group import LocalPolicyGroup, RayPolicyGroup, TorchrunPolicyGroup, init_torchrun_group
-
-    if plan.launcher == "torchrun":
-        rank, world, local = init_torchrun_group(cfg)
-        return TorchrunPolicyGroup(cfg, rank, world, local)
-    if plan.launcher == "ray":
-        return RayPolicyGroup(cfg, bundles.get("trainer"), plan.role("trainer").gpus_per_worker)
-    return LocalPolicyGroup(cfg)
 
 
 # ---------------------------------------------------------------------- small pure helpers
