@@ -140,6 +140,7 @@ class PolicyWorker:
 
         if not dist.is_initialized():  # one rank on a GPU: a group of one, so mixed precision is FSDP2's too
             init_single_rank_group(self.device)
+            self.owns_group = True
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.mixed else (
             MixedPrecisionPolicy())
@@ -273,7 +274,7 @@ class PolicyWorker:
 
     def _micro_loss(self, micro: Rollouts, units: dict[str, float], weight: float) -> tuple[torch.Tensor, dict[str, float]]:
         """Every term of one micro-batch, each weighted by this micro-batch's share of its own units, so the
-        micro-batches of all ranks add up to the loss of the whole mini-batch. Metrics come pre-weighted."""
+        micro-batches of all ranks add up to the loss of the whole mini-batch. Metrics come weighted the same way."""
         alg = self.cfg.algorithm
         out, spans = self._forward(self.module, micro, teacher_ids=bool(self.logit_losses),
                                    entropy_grad=bool(alg.entropy_coef))
@@ -287,23 +288,25 @@ class PolicyWorker:
         }
         entropy = masked_mean(out.entropy, micro.response_mask)
         total = loss * share["policy"]
-        metrics = {**metrics, "actor/loss": float(loss.detach())}
+        # each logged value is a mean over its own units, weighted like its loss term: sums over micro-batches
+        # and ranks are then the whole mini-batch's means, however the rows were split
+        logged = {k: v * share["policy"] for k, v in {**metrics, "actor/loss": float(loss.detach())}.items()}
         for fn, w in self.logit_losses.values():
             teacher = {n: out.logprobs[..., s : s + micro.teacher_topk_ids[n].shape[-1]] for n, s in spans.items()}
             extra, extra_metrics = fn(teacher, micro, micro.response_mask, alg)
             total = total + w * extra * share["tokens"]
-            metrics.update(extra_metrics)
+            logged.update({k: v * share["tokens"] for k, v in extra_metrics.items()})
         if alg.entropy_coef:
             total = total - alg.entropy_coef * entropy * share["tokens"]
         if out.indexer_loss is not None:
             total = total + self.cfg.model.dsa.indexer_loss_weight * out.indexer_loss * share["sequences"]
-            metrics.update({f"dsa/{k}": v for k, v in out.indexer_metrics.items()})
+            logged.update({f"dsa/{k}": v * share["sequences"] for k, v in out.indexer_metrics.items()})
         if self.reference is not None:
             kl = aggregate_token_loss(k3_kl(logp, micro.ref_logprobs), micro.loss_mask, alg.loss_agg)
             total = total + alg.kl_coef * kl * share["policy"]
-            metrics["actor/kl_ref"] = float(kl)
-        metrics["actor/entropy"] = float(entropy)
-        return total, {k: v * share["policy"] for k, v in metrics.items()}
+            logged["actor/kl_ref"] = float(kl) * share["policy"]
+        logged["actor/entropy"] = float(entropy) * share["tokens"]
+        return total, logged
 
     def _gradient_sync(self, last: bool) -> None:
         """Accumulating micro-batches reduce gradients once, at the last one (FSDP2)."""
@@ -394,6 +397,12 @@ class PolicyWorker:
             save_model(self.lm, self.tokenizer, Path(folder), state_dict=state)
 
     # ------------------------------------------------------------------ what tests and the controller inspect
+
+    def close(self) -> None:
+        """Close the one-rank group this worker opened (a torchrun or Ray group is its launcher's to close)."""
+        if getattr(self, "owns_group", False) and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
 
     def optimizer_state_names(self) -> list[str]:
         """Names of the parameters that carry optimizer state (frozen ones must not)."""

@@ -110,6 +110,9 @@ class LocalPolicyGroup(PolicyGroup):
     def _stream(self, method: str, *args: Any) -> Iterator[Any]:
         yield from getattr(self.worker, method)(*args)
 
+    def close(self) -> None:
+        self.worker.close()
+
 
 # ---------------------------------------------------------------------- torchrun
 
@@ -162,7 +165,18 @@ class TorchrunPolicyGroup(PolicyGroup):
             raise _rank_error(0, method, err) from err
 
     def close(self) -> None:
-        self._send(_STOP, ())
+        try:
+            self._send(_STOP, ())
+            _leave_group()
+        except (RuntimeError, dist.DistBackendError) as err:  # after a rank failed: the job ends with that error
+            print(f"policy ranks: could not close the group cleanly ({type(err).__name__}: {err})", file=sys.stderr)
+
+
+def _leave_group() -> None:
+    """Every rank waits for the others, then closes the group: a rank that exits with live gloo/NCCL
+    connections can abort its process on the way out (seen: SIGABRT at exit, after a run that had finished)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def serve_policy_rank(cfg, rank: int, world: int, local: int) -> None:
@@ -175,6 +189,7 @@ def serve_policy_rank(cfg, rank: int, world: int, local: int) -> None:
         dist.broadcast_object_list(box, src=0)
         method, args = box[0]
         if method == _STOP:
+            _leave_group()
             return
         if method == "__stream__":
             try:

@@ -51,7 +51,10 @@ def assert_same_run(a: Path, b: Path, key: str = "actor/loss") -> None:
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     for x, y in zip(ra, rb):
         assert y[key] == pytest.approx(x[key], rel=RTOL, abs=ATOL), (x["step"], key)
+    assert any(abs(r[key]) > 1e-4 for r in ra), "the runs compared did not train (zero loss throughout)"
     wa, wb = load_model(a / "final").state_dict(), load_model(b / "final").state_dict()
+    start = load_model(a / "checkpoints" / "step_000000").state_dict()
+    assert any(not torch.equal(start[k], wa[k]) for k in wa), "the runs compared did not change the weights"
     assert set(wa) == set(wb)
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=RTOL, atol=ATOL, msg=name)
@@ -66,8 +69,13 @@ def config_file(workspace: Path, name: str, extra: dict | None = None) -> Path:
     return workspace / f"{name}.yaml"
 
 
+# A reward that varies within groups (the random tiny student earns nothing from the task rewards): GSPO's
+# group-normalised advantages are then non-zero and the update moves the weights.
+VARIED_REWARD = Path(__file__).with_name("varied_reward.py")
 GSPO = {"teachers": [], "algorithm": {"advantage": "grpo", "policy_loss": "gspo", "updates_per_step": 2},
-        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 1}}
+        "optim": {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 1},
+        "rewards": {"routes": {d: f"{VARIED_REWARD}:length_mod_three" for d in ("video", "retrieval", "tool", "reasoning")},
+                    "num_workers": 0}}
 
 
 @pytest.mark.parametrize("algorithm", ["mopd", "gspo"])
@@ -97,11 +105,16 @@ def test_two_torchrun_ranks_equal_one_rank(workspace, algorithm):
     assert optim and not any(".visual." in k for k in optim)
 
 
+# Resuming with `trainer.steps=2` then 4 emulates an interruption at step 2; a cosine schedule is a function of
+# trainer.steps, so the resume tests keep the learning rate constant (after one warm-up step).
+RESUMABLE = {**GSPO, "optim": {"lr": 1e-3, "schedule": "constant", "warmup_steps": 1}}
+
+
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size_continues_exactly(workspace, first, second):
     name = f"resume_{first}_{second}"
-    straight = config_file(workspace, f"straight_{name}", GSPO)
-    resumed = config_file(workspace, name, GSPO)
+    straight = config_file(workspace, f"straight_{name}", RESUMABLE)
+    resumed = config_file(workspace, name, RESUMABLE)
     assert train(straight, [], 1).returncode == 0
     done = train(resumed, ["trainer.steps=2"], first)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,3 +165,24 @@ def test_check_prints_the_placement_and_refuses_a_cluster_too_small():
     assert any("needs 46 GPUs but cluster.gpus is 40" in p for p in problems)
     cfg, _ = load_config(path, ["trainer.launcher=local"])
     assert any("'local' runs one rank" in p for p in check_config(cfg)[0])
+
+
+def test_bf16_mixed_precision_on_one_rank_follows_float32(workspace):
+    """The GPU path on the CPU: FSDP2 over a one-rank group with bf16 compute over fp32 master weights. Per-step
+    losses follow the float32 run within bf16 tolerance (0.05 absolute on losses of order 1), the exported
+    weights stay float32, and a resume continues the same run."""
+    fp32 = config_file(workspace, "prec_fp32", GSPO)
+    mixed = config_file(workspace, "prec_bf16", GSPO)
+    assert train(fp32, [], 1).returncode == 0
+    done = train(mixed, ["trainer.precision=bf16_mixed", "trainer.steps=2"], 1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = train(mixed, ["trainer.precision=bf16_mixed"], 1)
+    assert done.returncode == 0 and "resumed" in done.stdout, done.stderr[-3000:]
+    a, b = records(workspace / "runs" / "prec_fp32"), records(workspace / "runs" / "prec_bf16")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["actor/loss"] == pytest.approx(x["actor/loss"], abs=0.05)
+    weights = load_model(workspace / "runs" / "prec_bf16" / "final").state_dict()
+    assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
+    before = load_model(workspace / "runs" / "prec_fp32" / "final").state_dict()
+    assert any(not torch.equal(before[k], weights[k]) for k in before)  # it is a different computation

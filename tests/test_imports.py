@@ -32,6 +32,7 @@ else:
     raise AssertionError('the embedded source should need datasets')
 print('ok')
 """
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    # from another folder: what is importable is what the installed package ships (pyproject's package list)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok")
