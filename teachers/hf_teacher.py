@@ -1,4 +1,8 @@
-"""A teacher served by transformers: one forward pass over (its view of the prompt) + (the student's response)."""
+"""A teacher served by transformers: one forward pass over (its view of the prompt) + (the student's responses).
+
+With shared-prompt packing (the default) a sample's G responses are scored over one copy of its prompt
+(`models.packing`); otherwise every response carries its own left-padded prompt copy (`models.batching.pack`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Any
 import torch
 
 from models.batching import logsumexp, pack, response_logits, response_tokens
-from models.chat import ChatRenderer
+from models.packing import budget_batches, pack_shared, packed_response_logits, packed_tokens, shared_prompt_groups
+from models.chat import ChatRenderer, RenderedPrompt
 from models.factory import inference_dtype, load_model, load_tokenizer, vision_layout
 from tasks.base import Sample
 from teachers.base import TeacherScores
@@ -31,13 +36,18 @@ class HFTeacher:
         template_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        packing: str = "shared_prompt",
+        batch_tokens: int = 16384,
     ):
-        """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16")."""
+        """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16");
+        `packing`, `batch_tokens`: `teachers[].engine_args` too (`teachers.options.HFTeacherOptions`)."""
         self.name = name
         self.view = view
         self.topk = topk
         self.batch_size = batch_size
         self.device = device
+        self.packing = packing
+        self.batch_tokens = batch_tokens
         weights = inference_dtype(dtype, f"teachers[{name}].engine_args.dtype")
         self.model = load_model(path, dtype=weights).to(device).eval()
         self.tokenizer = load_tokenizer(path)
@@ -49,6 +59,9 @@ class HFTeacher:
 
     @torch.no_grad()
     def score(self, samples: list[Sample], responses: list[list[int]], shard_index: int = 0) -> TeacherScores:
+        """Log-probs `[B, T]` of each response's tokens (and the teacher's top-k ids / log-probs `[B, T, k]`)."""
+        if self.packing == "shared_prompt":
+            return self._score_packed(samples, responses)
         t_len = max(1, max(len(r) for r in responses))
         logprobs = torch.zeros(len(samples), t_len)
         topk_ids = torch.zeros(len(samples), t_len, self.topk, dtype=torch.long) if self.topk else None
@@ -71,3 +84,39 @@ class HFTeacher:
                 topk_ids[chunk, :n] = ids.cpu()
                 topk_lp[chunk, :n] = (values.float() - lse.unsqueeze(-1)).cpu()
         return TeacherScores(logprobs, topk_ids, topk_lp)
+
+    def _score_packed(self, samples: list[Sample], responses: list[list[int]]) -> TeacherScores:
+        """Rows of one sample (same id, identical rendering) share one prompt forward; whole groups per batch."""
+        t_len = max(1, max(len(r) for r in responses))
+        b = len(samples)
+        logprobs = torch.zeros(b, t_len)
+        topk_ids = torch.zeros(b, t_len, self.topk, dtype=torch.long) if self.topk else None
+        topk_lp = torch.zeros(b, t_len, self.topk) if self.topk else None
+        rendered: dict[int, RenderedPrompt] = {}  # one rendering per sample object (a video is laid out once)
+        for s in samples:
+            if id(s) not in rendered:
+                rendered[id(s)] = self._render(s)
+        prompts = [rendered[id(s)] for s in samples]
+        keys = [s.id for s in samples]
+        units = shared_prompt_groups(prompts, keys)
+        tokens = [packed_tokens(len(prompts[u[0]].input_ids), [len(responses[i]) for i in u]) for u in units]
+        for rows in budget_batches(units, tokens, self.batch_tokens, self.batch_size):
+            batch = pack_shared([prompts[i] for i in rows], [responses[i] for i in rows], [keys[i] for i in rows],
+                                response_len=t_len).to(self.device)
+            real = batch.response_mask > 0  # [b, T]
+            logits = packed_response_logits(self.model, batch)  # [N, V], N real response tokens
+            lse = logsumexp(logits)  # [N]
+            picked = torch.gather(logits, -1, batch.response_tokens()[real].unsqueeze(-1)).squeeze(-1).float()
+            lp = torch.zeros(len(rows), t_len, device=logits.device)
+            lp[real] = picked - lse
+            logprobs[rows] = lp.cpu()
+            if self.topk:
+                values, ids = logits.topk(self.topk, dim=-1)
+                top_ids = torch.zeros(len(rows), t_len, self.topk, dtype=torch.long, device=logits.device)
+                top_lp = torch.zeros(len(rows), t_len, self.topk, device=logits.device)
+                top_ids[real], top_lp[real] = ids, values.float() - lse.unsqueeze(-1)
+                topk_ids[rows], topk_lp[rows] = top_ids.cpu(), top_lp.cpu()
+        return TeacherScores(logprobs, topk_ids, topk_lp)
+
+    def _render(self, sample: Sample) -> RenderedPrompt:
+        return self.renderer.render(view_messages(sample, self.view), sample.tools)

@@ -200,3 +200,149 @@ def test_dsa_sparse_attention_packed_equals_padded(project_tokenizer):
         padded, shared = _forward_both(model, prompts, responses, keys, project_tokenizer.pad_token_id)
     torch.testing.assert_close(shared.logprobs * mask[..., None], padded.logprobs * mask[..., None],
                                rtol=0, atol=LOGPROB_ATOL)
+
+
+# ---------------------------------------------------------------------- the policy worker: pi_old, loss, gradients
+
+
+@pytest.fixture(scope="module")
+def qwen3_student(workspace, qwen3_tokenizer):
+    """The workspace's student shape with the real Qwen3 tokenizer (151k vocabulary)."""
+    from models.factory import save_model
+
+    path = workspace / "student_qwen3"
+    if not path.exists():
+        save_model(build_model(TinyModelSpec(family="qwen3_vl_moe", **TINY), qwen3_tokenizer, seed=1),
+                   qwen3_tokenizer, path)
+    return path
+
+
+ALGORITHMS = {
+    "mopd": {"advantage": "mopd", "policy_loss": "gspo_token", "logit_losses": {"teacher_fkl": 0.5}},
+    "gspo": {"advantage": "gspo", "policy_loss": "gspo", "kl_coef": 0.05, "entropy_coef": 0.01},
+}
+
+
+def _worker(workspace, name: str, model_path, algorithm: dict, packing: str, **trainer):
+    from conftest import job
+    from rl.policy import PolicyWorker
+
+    cfg, _ = job(workspace, name, {
+        "model": {"path": str(model_path), "tokenizer": "model"},
+        "algorithm": algorithm,
+        "teachers": [{"name": "vl", "path": str(workspace / "teacher_vl"), "num_workers": 0, "topk": 4,
+                      "domains": ["video", "retrieval", "tool", "reasoning"]}],
+        "optim": {"lr": 1e-3, "grad_clip": 0.0},
+        "trainer": {"packing": packing, "device": "cpu", **trainer},
+    })
+    worker = PolicyWorker(cfg)
+    worker.optimizer.step = lambda *a, **k: None  # keep the weights: the test reads the gradients
+    return worker
+
+
+def _policy_rollouts(worker, template_kwargs, group_size: int = 3, seed: int = 0):
+    """A step's record by hand: two video prompts and two text prompts, G responses each (one empty), teacher
+    top-k ids/log-probs for the dense MOPD term, group-constant advantages."""
+    from rl.rollouts import Rollouts
+
+    renderer = ChatRenderer(worker.tokenizer, vision_layout(worker.lm), template_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    samples = [make_video_sample(make_video(seed=1), sid="v1"), make_text_sample("What is 4 + 4?", sid="t1"),
+               make_video_sample(make_video(n_frames=2, seed=2), sid="v2", question="When is blue shown?"),
+               make_text_sample("Find the needle: alpha beta gamma delta epsilon.", sid="t2", domain="retrieval")]
+    rows = [(s, g) for g, s in enumerate(samples) for _ in range(group_size)]
+    b, t_len = len(rows), 7
+    vocab = len(worker.tokenizer)
+    lengths = torch.randint(1, t_len + 1, (b,), generator=gen)
+    lengths[1] = 0
+    mask = (torch.arange(t_len)[None] < lengths[:, None]).float()
+    ids = torch.randint(5, min(vocab, 600), (b, t_len), generator=gen) * mask.long()
+    rendered = {s.id: renderer.render(s.messages) for s in samples}
+    out = Rollouts(samples=[s for s, _ in rows], prompts=[rendered[s.id] for s, _ in rows],
+                   group_ids=torch.tensor([g for _, g in rows]), response_ids=ids, response_mask=mask,
+                   sampler_logprobs=torch.zeros(b, t_len), truncated=torch.zeros(b, dtype=torch.bool),
+                   completions=[""] * b)
+    k = 4
+    out.teacher_weights = {"vl": torch.ones(b)}
+    out.teacher_topk_ids = {"vl": torch.randint(0, vocab, (b, t_len, k), generator=gen)}
+    out.teacher_topk_logprobs = {"vl": torch.log_softmax(torch.randn(b, t_len, k + 1, generator=gen), -1)[..., :k]}
+    out.teacher_logprobs = {"vl": -torch.rand(b, t_len, generator=gen) * mask}
+    out.advantages = torch.randn(len(samples), generator=gen).repeat_interleave(group_size)[:, None] * mask
+    out.loss_mask = mask.clone()
+    return out
+
+
+def _pi_old(worker, rollouts) -> torch.Tensor:
+    pi = worker.logprobs(rollouts)
+    old = torch.zeros_like(rollouts.response_mask)
+    old[pi.rows] = pi.old
+    ref = None
+    if pi.ref is not None:
+        ref = torch.zeros_like(old)
+        ref[pi.rows] = pi.ref
+    return old, ref
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+@pytest.mark.parametrize("tokenizer_kind", ["project", "qwen3"])
+def test_policy_update_with_packing_equals_padded(workspace, request, algorithm, tokenizer_kind):
+    """pi_old, the per-step loss and metrics, and the gradient of every parameter: packed micro-batches of a
+    small token budget (several per step, groups never split) against padded micro-batches of 2 rows."""
+    if tokenizer_kind == "qwen3":
+        path, template = request.getfixturevalue("qwen3_student"), {"enable_thinking": False}
+    else:
+        path, template = workspace / "student", {}
+    alg = ALGORITHMS[algorithm]
+    padded = _worker(workspace, f"pk_{algorithm}_{tokenizer_kind}_none", path, alg, "none", micro_batch_size=2)
+    packed = _worker(workspace, f"pk_{algorithm}_{tokenizer_kind}_shared", path, alg, "shared_prompt",
+                     micro_batch_tokens=120)
+    rollouts = _policy_rollouts(padded, template)
+    micro = packed._my_micro_batches(rollouts)
+    assert len(micro) > 1 and all(len(m) % 3 == 0 for m in micro)  # several micro-batches of whole groups
+    old_a, ref_a = _pi_old(padded, rollouts)
+    old_b, ref_b = _pi_old(packed, rollouts)
+    torch.testing.assert_close(old_b, old_a, rtol=0, atol=LOGPROB_ATOL)
+    if ref_a is not None:
+        torch.testing.assert_close(ref_b, ref_a, rtol=0, atol=LOGPROB_ATOL)
+    rollouts.old_logprobs = old_a - 0.01 * rollouts.response_mask  # a small off-policy gap: ratios != 1
+    rollouts.ref_logprobs = ref_a
+    metrics_a, metrics_b = padded.update(rollouts, 0), packed.update(rollouts, 0)
+    assert metrics_a.keys() == metrics_b.keys()
+    # `_micro_loss` reports every metric weighted by its micro-batch's policy share, so a token-mean metric of a
+    # logit loss (mopd/teacher_fkl) depends on how rows fall into micro-batches; its loss term (token share) does
+    # not, and the gradients below check it.
+    for key in (k for k in metrics_a if not k.startswith("mopd/teacher_")):
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-6), key
+    grads_a = {n: p.grad for n, p in padded.module.named_parameters() if p.grad is not None}
+    grads_b = {n: p.grad for n, p in packed.module.named_parameters() if p.grad is not None}
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    assert any(float(g.abs().max()) > 0 for g in grads_a.values())
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+# ---------------------------------------------------------------------- teachers
+
+
+@pytest.mark.parametrize("teacher,view", [("teacher_vl", "native"), ("teacher_text", "text")])
+def test_teacher_scores_groups_over_one_prompt_forward(workspace, teacher, view):
+    """A teacher (in its own view: the text teacher sees captions instead of the video) scores G responses per
+    sample over one prompt copy: the same log-probs and top-k as one padded prompt copy per response."""
+    from teachers.hf_teacher import HFTeacher
+
+    samples = [make_video_sample(make_video(seed=3), sid="v"), make_text_sample("What is 1 + 1?", sid="t")]
+    rows = [samples[0]] * 3 + [samples[1]] * 2 + [samples[0]]
+    gen = torch.Generator().manual_seed(5)
+    responses = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in (4, 6, 0, 3, 5, 2)]
+    scores = {}
+    for packing in ("none", "shared_prompt"):
+        t = HFTeacher("t", str(workspace / teacher), view=view, topk=3, packing=packing, batch_tokens=60)
+        scores[packing] = t.score(rows, responses)
+    a, b = scores["none"], scores["shared_prompt"]
+    torch.testing.assert_close(b.logprobs, a.logprobs, rtol=0, atol=LOGPROB_ATOL)
+    real = torch.zeros(a.logprobs.shape, dtype=torch.bool)  # the padded path leaves top-k garbage past the end
+    for i, r in enumerate(responses):
+        real[i, : len(r)] = True
+    torch.testing.assert_close(b.topk_logprobs[real], a.topk_logprobs[real], rtol=0, atol=LOGPROB_ATOL)
+    assert torch.equal(b.topk_ids[real], a.topk_ids[real])
+    assert a.logprobs[0].abs().sum() > 0
