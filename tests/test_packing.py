@@ -382,3 +382,21 @@ def test_packed_run_resumes_exactly_and_follows_the_padded_run(workspace, monkey
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     padded = run(job(workspace, "pk_padded", {"trainer": {"packing": "none", "micro_batch_size": 3}}))
     assert _losses(padded.run_dir) == pytest.approx(_losses(straight.run_dir), rel=1e-4, abs=1e-5)
+
+
+def test_embedded_rl_configs_pack_by_default():
+    """Video-RL and Context-RL (long prompt, G short answers) run with shared-prompt packing; a DSA indexer
+    stage falls back to the padded path under 'auto'."""
+    from pathlib import Path
+
+    from rl.config import load_config
+    from rl.microbatch import resolve_packing
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("video_rl_tiny.yaml", "context_rl_tiny.yaml"):
+        cfg, _ = load_config(root / name)
+        assert resolve_packing(cfg) == "shared_prompt", name
+    cfg, _ = load_config(root / "context_rl_tiny.yaml", ["trainer.packing=auto"])
+    assert resolve_packing(cfg) == "shared_prompt"
+    cfg.model.dsa.enabled, cfg.model.dsa.stage = True, "sparse"
+    assert resolve_packing(cfg) == "none"
