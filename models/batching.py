@@ -31,7 +31,8 @@ class PackedBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return PackedBatch(**{f: move(getattr(self, f)) for f in self.__dataclass_fields__})
 
-    def model_inputs(self) -> dict:
+    def model_inputs(self, model=None) -> dict:
+        """Keyword arguments of the model's forward (`model` unused: the same call as `SharedPromptBatch`'s)."""
         kwargs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.video_grid_thw is not None:
             kwargs.update(
@@ -40,6 +41,11 @@ class PackedBatch:
                 video_grid_thw=self.video_grid_thw,
             )
         return kwargs
+
+    def predicting_states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden [B, P+T, H]` -> `[B, T, H]`: position P + t - 1 predicts response token t."""
+        t_len = self.response_mask.shape[1]
+        return hidden[:, self.prompt_len - 1 : self.prompt_len + t_len - 1]
 
 
 def pack(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.batching import PackedBatch
+from models.packing import SharedPromptBatch
 from models.logprobs import hidden_logprobs
 
 
@@ -56,9 +57,11 @@ class LogprobModel(nn.Module):
         self.lm = lm
         self.dsa_stage = dsa_stage
 
-    def forward(self, batch: PackedBatch, ids: torch.Tensor, topk: int = 0, entropy_grad: bool = False,
-                chunk_rows: int | None = None) -> ResponseLogprobs:
-        """`ids [B, T, k]`: the token ids whose log-probs are read at each response position."""
+    def forward(self, batch: PackedBatch | SharedPromptBatch, ids: torch.Tensor, topk: int = 0,
+                entropy_grad: bool = False, chunk_rows: int | None = None) -> ResponseLogprobs:
+        """`ids [B, T, k]`: the token ids whose log-probs are read at each response position. `batch`: padded
+        rows (`models.batching.pack`) or one shared-prompt row (`models.packing.pack_shared`); the result is
+        `[B, T, ...]` per response row either way."""
         base = causal_lm(self.lm)
         capture = nullcontext(None)
         if self.dsa_stage != "none":
@@ -66,10 +69,9 @@ class LogprobModel(nn.Module):
 
             capture = capture_indexer_loss(self.lm, self.dsa_stage)
         with capture as indexer:
-            hidden = base.model(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, P+T, H]
+            hidden = base.model(**batch.model_inputs(base), use_cache=False).last_hidden_state  # [B or 1, L, H]
         b, t_len = batch.response_mask.shape
-        p_len = batch.prompt_len
-        states = hidden[:, p_len - 1 : p_len + t_len - 1]  # position P + t - 1 predicts response token t
+        states = batch.predicting_states(hidden)  # [B, T, H]
         rows = batch.response_mask > 0  # [B, T]: padding positions are not projected at all
         out = hidden_logprobs(states[rows], base.get_output_embeddings().weight, ids[rows], topk=topk,
                               entropy_grad=entropy_grad, chunk_rows=chunk_rows)

@@ -293,7 +293,20 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     steps: int = _help("Training steps (one rollout batch each).", default=100, ge=1)
-    micro_batch_size: int = _help("Sequences per forward/backward (gradient accumulation).", default=64, ge=1)
+    micro_batch_size: int = _help(
+        "Sequences per forward/backward (gradient accumulation); with shared-prompt packing, the most sequences "
+        "one packed micro-batch holds (a group larger than this gets a micro-batch of its own).", default=64, ge=1)
+    packing: Literal["auto", "shared_prompt", "none"] = _help(
+        "How the student's forwards (pi_old, reference, update) lay out sequences. 'shared_prompt': a group's "
+        "prompt once, then its G responses, each attending to the prompt and itself only, in padding-free "
+        "micro-batches of micro_batch_tokens (exact: the same log-probs, loss and gradients as 'none'). 'none': "
+        "every response with its own left-padded copy of the prompt, micro_batch_size rows per pass. 'auto' is "
+        "shared_prompt unless a DSA indexer stage trains (the indexer KL is a mean over query positions, and a "
+        "shared prompt counts its queries once instead of G times).", default="auto")
+    micro_batch_tokens: int = _help(
+        "Shared-prompt packing: tokens per packed micro-batch (each group's prompt counted once plus its "
+        "responses); whole groups stay together and a group over the budget gets a micro-batch of its own.",
+        default=16384, ge=1)
     checkpoint_every: int = _help("Checkpoint every N steps (and always at the end); 0 = only at the end.", default=50, ge=0)
     keep_checkpoints: int = _help("Checkpoints kept (oldest deleted); 0 = keep all.", default=2, ge=0)
     eval_every: int = _help("Held-out evaluation every N steps (and at start and end); 0 = only start and end.", default=0, ge=0)

@@ -1,14 +1,37 @@
 """Which rows of a step each training rank and each micro-batch takes.
 
-Ranks get sequences balanced by token count (prompt + response), so no rank waits on a rank with the long
-prompts; each rank then walks its rows in length-grouped micro-batches, since a micro-batch pads to its own longest
-prompt. Every rank must run the same number of forward passes (FSDP's all-gathers are collectives), so ranks with
-fewer micro-batches pad the count with zero-weight repeats (`equalize`).
+Without packing, ranks get sequences balanced by token count (prompt + response), so no rank waits on a rank
+with the long prompts; each rank then walks its rows in length-grouped micro-batches, since a micro-batch pads to
+its own longest prompt. With shared-prompt packing the unit is a group (one prompt + its responses, counted as
+the tokens of its packed form): groups are balanced over ranks by those tokens, then each rank packs whole groups
+into micro-batches of a token budget (`models.packing.budget_batches`). Every rank must run the same number of
+forward passes (FSDP's all-gathers are collectives), so ranks with fewer micro-batches pad the count with
+zero-weight repeats (`equalize`).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
+from typing import Any
+
+from models.packing import packed_tokens, shared_prompt_groups
+
+
+def resolve_packing(cfg) -> str:
+    """`trainer.packing` made concrete: 'auto' is shared_prompt unless a DSA indexer stage trains."""
+    mode = cfg.trainer.packing
+    if mode == "auto":
+        return "none" if cfg.model.dsa.enabled and cfg.model.dsa.stage != "none" else "shared_prompt"
+    return mode
+
+
+def shared_prompt_units(prompts: Sequence, keys: Sequence[Any], response_lens: Sequence[int]
+                        ) -> tuple[list[list[int]], list[int]]:
+    """Groups of rows that share one prompt copy (same key, identical prompt) and each group's packed tokens."""
+    units = shared_prompt_groups(prompts, keys)
+    tokens = [packed_tokens(len(prompts[u[0]].input_ids), [response_lens[i] for i in u]) for u in units]
+    return units, tokens
 
 
 def partition_by_tokens(lengths: list[int], parts: int) -> list[list[int]]:

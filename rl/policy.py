@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from models.batching import pack
+from models.packing import budget_batches, pack_shared
 from models.policy_head import LogprobModel, ResponseLogprobs, decoder_layers
 from rl.algorithms import aggregate_token_loss, get_logit_loss, get_policy_loss, k3_kl, loss_units, masked_mean
-from rl.microbatch import micro_batches, partition_by_tokens
+from rl.microbatch import micro_batches, partition_by_tokens, resolve_packing, shared_prompt_units
 from rl.rollouts import Rollouts
 from rl.schedule import lr_factor, schedule_for
 
@@ -177,23 +178,47 @@ class PolicyWorker:
 
     # ------------------------------------------------------------------ rows of a step
 
+    def _shared_prompt(self) -> bool:
+        """`trainer.packing` resolves to shared-prompt packing (one prompt copy per group per forward)."""
+        return resolve_packing(self.cfg) == "shared_prompt"
+
+    def _my_units(self, rollouts: Rollouts) -> tuple[list[list[int]], list[int]]:
+        """Packing: this rank's groups (rows sharing a group id and an identical prompt) and their packed
+        tokens; groups are balanced over ranks by those tokens and never split."""
+        lengths = rollouts.response_mask.sum(-1).long().tolist()
+        units, tokens = shared_prompt_units(rollouts.prompts, rollouts.group_ids.tolist(), lengths)
+        mine = partition_by_tokens(tokens, self.world_size)[self.rank]
+        return [units[u] for u in mine], [tokens[u] for u in mine]
+
     def _my_rows(self, rollouts: Rollouts) -> list[int]:
+        if self._shared_prompt():
+            return sorted(r for unit in self._my_units(rollouts)[0] for r in unit)
         return partition_by_tokens(_lengths(rollouts), self.world_size)[self.rank]
 
     def _my_micro_batches(self, rollouts: Rollouts) -> list[list[int] | None]:
-        """This rank's micro-batches; None entries are zero-weight repeats that keep ranks in step."""
-        rows = self._my_rows(rollouts)
-        groups: list[list[int] | None] = micro_batches(rows, _lengths(rollouts), self.cfg.trainer.micro_batch_size)
+        """This rank's micro-batches; None entries are zero-weight repeats that keep ranks in step. Packing:
+        whole groups per micro-batch, up to micro_batch_tokens packed tokens and micro_batch_size rows."""
+        t = self.cfg.trainer
+        if self._shared_prompt():
+            units, tokens = self._my_units(rollouts)
+            groups: list[list[int] | None] = budget_batches(units, tokens, t.micro_batch_tokens, t.micro_batch_size)
+        else:
+            groups = micro_batches(self._my_rows(rollouts), _lengths(rollouts), t.micro_batch_size)
         count = self._max_over_ranks(len(groups))
         return groups + [None] * (count - len(groups))
 
     def _forward(self, module: LogprobModel, micro: Rollouts, *, teacher_ids: bool, topk: int = 0,
                  entropy_grad: bool = False) -> tuple[ResponseLogprobs, dict[str, int]]:
-        """One packed forward; column 0 of the log-probs is the sampled token, then each routed teacher's top-k
-        ids (`spans`: teacher -> first column) when a dense logit loss reads them."""
+        """One forward (shared-prompt packed or padded, per `trainer.packing`); column 0 of the log-probs is the
+        sampled token, then each routed teacher's top-k ids (`spans`: teacher -> first column) when a dense logit
+        loss reads them."""
         responses = [micro.response_ids[i, : int(micro.response_mask[i].sum())].tolist() for i in range(len(micro))]
-        batch = pack(micro.prompts, responses, self.tokenizer.pad_token_id,
-                     response_len=micro.response_ids.shape[1]).to(self.device)
+        t_len = micro.response_ids.shape[1]
+        if self._shared_prompt():
+            batch = pack_shared(micro.prompts, responses, micro.group_ids.tolist(), response_len=t_len)
+        else:
+            batch = pack(micro.prompts, responses, self.tokenizer.pad_token_id, response_len=t_len)
+        batch = batch.to(self.device)
         columns, spans, start = [micro.response_ids.unsqueeze(-1)], {}, 1
         if teacher_ids:
             for name, ids in micro.teacher_topk_ids.items():

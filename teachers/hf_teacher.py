@@ -1,4 +1,8 @@
-"""A teacher served by transformers: one forward pass over (its view of the prompt) + (the student's response)."""
+"""A teacher served by transformers: one forward pass over (its view of the prompt) + (the student's responses).
+
+With shared-prompt packing (the default) a sample's G responses are scored over one copy of its prompt
+(`models.packing`); otherwise every response carries its own left-padded prompt copy (`models.batching.pack`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ from typing import Any
 import torch
 
 from models.batching import logsumexp, pack, response_logits, response_tokens
-from models.chat import ChatRenderer
+from models.packing import budget_batches, pack_shared, packed_response_logits, packed_tokens, shared_prompt_groups
+from models.chat import ChatRenderer, RenderedPrompt
 from models.factory import inference_dtype, load_model, load_tokenizer, vision_layout
 from tasks.base import Sample
 from teachers.base import TeacherScores
@@ -31,13 +36,18 @@ class HFTeacher:
         template_kwargs: dict[str, Any] | None = None,
         device: str = "cpu",
         dtype: str = "float32",
+        packing: str = "shared_prompt",
+        batch_tokens: int = 16384,
     ):
-        """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16")."""
+        """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16");
+        `packing`, `batch_tokens`: `teachers[].engine_args` too (`teachers.options.HFTeacherOptions`)."""
         self.name = name
         self.view = view
         self.topk = topk
         self.batch_size = batch_size
         self.device = device
+        self.packing = packing
+        self.batch_tokens = batch_tokens
         weights = inference_dtype(dtype, f"teachers[{name}].engine_args.dtype")
         self.model = load_model(path, dtype=weights).to(device).eval()
         self.tokenizer = load_tokenizer(path)
@@ -49,25 +59,70 @@ class HFTeacher:
 
     @torch.no_grad()
     def score(self, samples: list[Sample], responses: list[list[int]], shard_index: int = 0) -> TeacherScores:
-        t_len = max(1, max(len(r) for r in responses))
-        logprobs = torch.zeros(len(samples), t_len)
-        topk_ids = torch.zeros(len(samples), t_len, self.topk, dtype=torch.long) if self.topk else None
-        topk_lp = torch.zeros(len(samples), t_len, self.topk) if self.topk else None
-        for start in range(0, len(samples), self.batch_size):
-            chunk = slice(start, start + self.batch_size)
-            prompts = [self.renderer.render(view_messages(s, self.view), s.tools) for s in samples[chunk]]
-            batch = pack(prompts, responses[chunk], self.tokenizer.pad_token_id)
-            inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in vars(batch).items()}
-            batch = type(batch)(**inputs)
-            logits = response_logits(self.model, batch)  # [b, t, V]
-            lse = logsumexp(logits)  # [b, t]: log-probs are logit - lse, no [b, t, V] log-softmax
-            tokens = response_tokens(batch)
-            picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
-            lp = (picked - lse) * batch.response_mask
-            n = lp.shape[1]
-            logprobs[chunk, :n] = lp.cpu()
-            if self.topk:
-                values, ids = logits.topk(self.topk, dim=-1)
-                topk_ids[chunk, :n] = ids.cpu()
-                topk_lp[chunk, :n] = (values.float() - lse.unsqueeze(-1)).cpu()
-        return TeacherScores(logprobs, topk_ids, topk_lp)
+        """Log-probs `[B, T]` of each response's tokens (and the teacher's top-k ids / log-probs `[B, T, k]`)."""
+        rendered: dict[int, RenderedPrompt] = {}  # one rendering per sample object (a video is laid out once)
+        for s in samples:
+            if id(s) not in rendered:
+                rendered[id(s)] = self.renderer.render(view_messages(s, self.view), s.tools)
+        prompts = [rendered[id(s)] for s in samples]
+        if self.packing == "shared_prompt":
+            return score_packed(self.model, prompts, [s.id for s in samples], responses, self.topk,
+                                self.batch_tokens, self.batch_size, self.device)
+        return score_padded(self.model, prompts, responses, self.tokenizer.pad_token_id, self.topk,
+                            self.batch_size, self.device)
+
+
+def _empty_scores(b: int, t_len: int, topk: int) -> TeacherScores:
+    return TeacherScores(torch.zeros(b, t_len), torch.zeros(b, t_len, topk, dtype=torch.long) if topk else None,
+                         torch.zeros(b, t_len, topk) if topk else None)
+
+
+@torch.no_grad()
+def score_padded(model, prompts: list[RenderedPrompt], responses: list[list[int]], pad_id: int, topk: int,
+                 batch_size: int, device: str = "cpu") -> TeacherScores:
+    """Every response with its own left-padded prompt copy, `batch_size` rows per forward (CPU results)."""
+    t_len = max(1, max(len(r) for r in responses))
+    out = _empty_scores(len(prompts), t_len, topk)
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        batch = pack(prompts[chunk], responses[chunk], pad_id).to(device)
+        logits = response_logits(model, batch)  # [b, t, V]
+        lse = logsumexp(logits)  # [b, t]: log-probs are logit - lse, no [b, t, V] log-softmax
+        tokens = response_tokens(batch)
+        picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1).float()
+        lp = (picked - lse) * batch.response_mask
+        n = lp.shape[1]
+        out.logprobs[chunk, :n] = lp.cpu()
+        if topk:
+            values, ids = logits.topk(topk, dim=-1)
+            out.topk_ids[chunk, :n] = ids.cpu()
+            out.topk_logprobs[chunk, :n] = (values.float() - lse.unsqueeze(-1)).cpu()
+    return out
+
+
+@torch.no_grad()
+def score_packed(model, prompts: list[RenderedPrompt], keys: list, responses: list[list[int]], topk: int,
+                 batch_tokens: int, batch_size: int, device: str = "cpu") -> TeacherScores:
+    """Rows with the same key and an identical prompt share one prompt copy (`models.packing`); whole groups
+    per forward, up to `batch_tokens` packed tokens and `batch_size` rows; only response positions are projected."""
+    t_len = max(1, max(len(r) for r in responses))
+    out = _empty_scores(len(prompts), t_len, topk)
+    units = shared_prompt_groups(prompts, keys)
+    tokens = [packed_tokens(len(prompts[u[0]].input_ids), [len(responses[i]) for i in u]) for u in units]
+    for rows in budget_batches(units, tokens, batch_tokens, batch_size):
+        batch = pack_shared([prompts[i] for i in rows], [responses[i] for i in rows], [keys[i] for i in rows],
+                            response_len=t_len).to(device)
+        real = batch.response_mask > 0  # [b, T]
+        logits = packed_response_logits(model, batch)  # [N, V], N real response tokens
+        lse = logsumexp(logits)  # [N]
+        picked = torch.gather(logits, -1, batch.response_tokens()[real].unsqueeze(-1)).squeeze(-1).float()
+        lp = torch.zeros(len(rows), t_len, device=logits.device)
+        lp[real] = picked - lse
+        out.logprobs[rows] = lp.cpu()
+        if topk:
+            values, ids = logits.topk(topk, dim=-1)
+            top_ids = torch.zeros(len(rows), t_len, topk, dtype=torch.long, device=logits.device)
+            top_lp = torch.zeros(len(rows), t_len, topk, device=logits.device)
+            top_ids[real], top_lp[real] = ids, values.float() - lse.unsqueeze(-1)
+            out.topk_ids[rows], out.topk_logprobs[rows] = top_ids.cpu(), top_lp.cpu()
+    return out

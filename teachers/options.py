@@ -20,6 +20,14 @@ class HFTeacherOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = option(
         "Precision the teacher is served in (bfloat16: half the bytes per forward).", default="float32")
     device: str = option("torch device of the teacher model.", default="cpu")
+    packing: Literal["shared_prompt", "none"] = option(
+        "'shared_prompt': the G responses of a sample are scored over one forward of its prompt (in the teacher's "
+        "own view), in padding-free batches of batch_tokens; the same log-probs as 'none' (every response with "
+        "its own padded prompt copy, batch_size rows per forward).", default="shared_prompt")
+    batch_tokens: int = option(
+        "shared_prompt: tokens per packed forward (each prompt once plus its responses; a sample's responses stay "
+        "together, a group over the budget gets a forward of its own); batch_size still caps its rows.",
+        default=16384, ge=1)
 
 
 @dataclass
