@@ -329,8 +329,8 @@ class PolicyWorker:
         if self.reference is not None:
             kl = aggregate_token_loss(k3_kl(logp, micro.ref_logprobs), micro.loss_mask, alg.loss_agg)
             total = total + alg.kl_coef * kl * share["policy"]
-            logged["actor/kl_ref"] = float(kl) * share["policy"]
-        logged["actor/entropy"] = float(entropy) * share["tokens"]
+            logged["actor/kl_ref"] = float(kl.detach()) * share["policy"]
+        logged["actor/entropy"] = float(entropy.detach()) * share["tokens"]
         return total, logged
 
     def _gradient_sync(self, last: bool) -> None:
