@@ -301,11 +301,14 @@ class TrainerConfig:
         "prompt once, then its G responses, each attending to the prompt and itself only, in padding-free "
         "micro-batches of micro_batch_tokens (exact: the same log-probs, loss and gradients as 'none'). 'none': "
         "every response with its own left-padded copy of the prompt, micro_batch_size rows per pass. 'auto' is "
-        "shared_prompt unless a DSA indexer stage trains (the indexer KL is a mean over query positions, and a "
-        "shared prompt counts its queries once instead of G times).", default="auto")
+        "shared_prompt when rollout.group_size > 1 and no DSA indexer stage trains (with one response per prompt "
+        "there is nothing to share; the indexer KL is a mean over query positions, and a shared prompt counts its "
+        "queries once instead of G times).", default="auto")
     micro_batch_tokens: int = _help(
         "Shared-prompt packing: tokens per packed micro-batch (each group's prompt counted once plus its "
-        "responses); whole groups stay together and a group over the budget gets a micro-batch of its own.",
+        "responses); whole groups stay together and a group over the budget gets a micro-batch of its own. On "
+        "CUDA with flex_attention the mask is block-sparse; elsewhere it is dense and attention costs the square "
+        "of a micro-batch's tokens, so keep the budget to a few groups there (the embedded CPU configs: 1200).",
         default=16384, ge=1)
     checkpoint_every: int = _help("Checkpoint every N steps (and always at the end); 0 = only at the end.", default=50, ge=0)
     keep_checkpoints: int = _help("Checkpoints kept (oldest deleted); 0 = keep all.", default=2, ge=0)

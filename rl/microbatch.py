@@ -19,10 +19,12 @@ from models.packing import packed_tokens, shared_prompt_groups
 
 
 def resolve_packing(cfg) -> str:
-    """`trainer.packing` made concrete: 'auto' is shared_prompt unless a DSA indexer stage trains."""
+    """`trainer.packing` made concrete: 'auto' is shared_prompt when groups have several responses and no DSA
+    indexer stage trains (see the key's help)."""
     mode = cfg.trainer.packing
     if mode == "auto":
-        return "none" if cfg.model.dsa.enabled and cfg.model.dsa.stage != "none" else "shared_prompt"
+        indexer_stage = cfg.model.dsa.enabled and cfg.model.dsa.stage != "none"
+        return "none" if indexer_stage or cfg.rollout.group_size == 1 else "shared_prompt"
     return mode
 
 

@@ -238,10 +238,14 @@ class Trainer:
 
     def _sync_weights(self) -> None:
         """Stream the new weights bucket by bucket from the training ranks to every engine that samples for us."""
-        for bucket in self.policy.weight_buckets(self.cfg.trainer.weight_sync_mb):
-            self.rollout_pool.broadcast("load_weights", bucket, what="syncing weights")
+        buckets = self.policy.weight_buckets(self.cfg.trainer.weight_sync_mb)
+        bucket = next(buckets, None)
+        while bucket is not None:  # one bucket ahead, so the engines know which one is the sync's last
+            upcoming = next(buckets, None)
+            self.rollout_pool.broadcast("load_weights", bucket, upcoming is None, what="syncing weights")
             if self.eval_engine is not None:
-                self.eval_engine.load_weights(bucket)
+                self.eval_engine.load_weights(bucket, last=upcoming is None)
+            bucket = upcoming
 
     def _rollout_metrics(self, rollouts: Rollouts) -> dict[str, float]:
         out = {"rollout/response_len": float(rollouts.response_mask.sum(-1).mean()),

@@ -52,8 +52,9 @@ class RolloutEngine:
     ) -> Generations:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:  # pragma: no cover - interface
-        """Replace the engine's weights by the trainer's (after every update), without restarting it."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], last: bool = True) -> None:  # pragma: no cover
+        """Replace (some of) the engine's weights by the trainer's (after every update), without restarting it.
+        The trainer streams a sync in buckets; `last` marks its final one (where post-sync work belongs)."""
         raise NotImplementedError
 
 

@@ -100,7 +100,8 @@ class HFEngine(RolloutEngine):
                 gens.truncated.append(True)
         return gens
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def load_weights(self, state_dict: dict[str, torch.Tensor], last: bool = True) -> None:
+        """Copy (some of) the trainer's weights in; `last` (the final bucket of a sync) changes nothing here."""
         missing, unexpected = self.model.load_state_dict(state_dict, strict=False)
         if unexpected:
             raise KeyError(f"rollout engine got unknown weights: {unexpected[:5]}")

@@ -18,5 +18,5 @@ class ReferenceEngine(RolloutEngine):
             raise ValueError("the reference engine needs one demonstration (sample.target) per prompt")
         return Generations([list(t) for t in targets], [[0.0] * len(t) for t in targets], [False] * len(targets))
 
-    def load_weights(self, state_dict) -> None:
+    def load_weights(self, state_dict, last: bool = True) -> None:
         """Nothing to sync: demonstrations do not depend on the student."""

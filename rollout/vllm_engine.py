@@ -269,15 +269,24 @@ class VLLMEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Push the trainer's weights into the running engine (no restart); logs and records the time."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], last: bool = True) -> None:
+        """Push the trainer's weights into the running engine (no restart); logs and records the time. The
+        trainer streams them in buckets: `last` marks the final bucket of a sync, after which the prefix cache is
+        reset, the sync checked (`check_sync`, over every bucket's tensors) and the engine put back to sleep."""
         self._wake(tags=["weights"])
         t0 = time.perf_counter()
         self.sync.push(self.llm, state_dict)
-        self.llm.reset_prefix_cache()
-        record = {"seconds": time.perf_counter() - t0}
+        self._sync_seconds = getattr(self, "_sync_seconds", 0.0) + time.perf_counter() - t0
         if self.check_sync:
-            record["max_logprob_diff"] = self.verify(state_dict)
+            self._synced = {**getattr(self, "_synced", {}), **state_dict}
+        if not last:
+            return
+        self.llm.reset_prefix_cache()
+        record = {"seconds": self._sync_seconds}
+        self._sync_seconds = 0.0
+        if self.check_sync:
+            record["max_logprob_diff"] = self.verify(self._synced)
+            self._synced = {}
         self.syncs.append(record)
         log.info("vllm weight sync #%d (%s): %.3f s%s", len(self.syncs), self.sync.name, record["seconds"],
                  f", check max |dlogp| {record['max_logprob_diff']:.2e}" if self.check_sync else "")

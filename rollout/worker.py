@@ -26,8 +26,9 @@ class RolloutWorker:
             targets = None
         return self.engine.generate(prompts, shard_settings, targets)
 
-    def load_weights(self, state_dict) -> None:
-        self.engine.load_weights(state_dict)
+    def load_weights(self, state_dict, last: bool = True) -> None:
+        """One bucket of a weight sync; `last` marks the sync's final bucket."""
+        self.engine.load_weights(state_dict, last=last)
 
 
 def combine_generations(parts: list[Generations]) -> Generations:

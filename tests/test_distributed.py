@@ -186,3 +186,20 @@ def test_bf16_mixed_precision_on_one_rank_follows_float32(workspace):
     assert all(w.dtype == torch.float32 for w in weights.values() if w.is_floating_point())
     before = load_model(workspace / "runs" / "prec_fp32" / "final").state_dict()
     assert any(not torch.equal(before[k], weights[k]) for k in before)  # it is a different computation
+
+
+def test_weight_sync_streams_buckets_and_marks_the_last(workspace):
+    """The engines get the new weights in buckets of `trainer.weight_sync_mb`, the last one marked: together
+    exactly the student's weights, each tensor once."""
+    from rl.policy import PolicyWorker
+
+    cfg, _ = job(workspace, "buckets", {"teachers": [], "algorithm": {"advantage": "grpo", "policy_loss": "grpo"}})
+    worker = PolicyWorker(cfg)
+    buckets = list(worker.weight_buckets(0.01))  # 10 KB: many buckets
+    assert len(buckets) > 3
+    names = [n for b in buckets for n in b]
+    state = worker.lm.state_dict()
+    assert sorted(names) == sorted(state) and len(names) == len(set(names))
+    for b in buckets:
+        for n, t in b.items():
+            assert torch.equal(t, state[n]) and t.device.type == "cpu"

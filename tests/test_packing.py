@@ -398,3 +398,5 @@ def test_embedded_rl_configs_pack_by_default():
     assert resolve_packing(cfg) == "shared_prompt"
     cfg.model.dsa.enabled, cfg.model.dsa.stage = True, "sparse"
     assert resolve_packing(cfg) == "none"
+    cfg, _ = load_config(root / "mopd_tiny.yaml")  # one response per prompt: nothing to share, the padded path
+    assert cfg.rollout.group_size == 1 and resolve_packing(cfg) == "none"
