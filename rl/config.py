@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from core.options import option as _help
-from rl.config_loader import apply_overrides, build_dataclass, load_yaml_tree, to_dict
+from rl.config_loader import COMMAND_LINE, apply_overrides, build_dataclass, load_yaml_tree, to_dict
 
 
 def _engine_names() -> list[str]:
@@ -398,8 +399,36 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[J
     data, provenance = load_yaml_tree(path)
     provenance.setdefault("", str(path))
     data = apply_overrides(data, list(overrides or []), provenance)
+    anchor_reward_files(data, provenance)
     cfg = build_dataclass(JobConfig, data, provenance)
     return cfg, to_dict(cfg)
+
+
+_REWARD_FILE = re.compile(r"^(?P<file>[^:]+\.py):(?P<fn>[\w.]+)$")
+
+
+def anchor_reward_files(data: dict, provenance: dict[str, str]) -> None:
+    """A reward route `path/file.py:function` with a relative path is relative to the YAML file that names it
+    (as `base:` is), not to the working directory; on the command line, to the working directory."""
+    routes = (data.get("rewards") or {}).get("routes") or {}
+    if not isinstance(routes, dict):
+        return
+
+    def anchored(spec: Any, key: str) -> Any:
+        match = _REWARD_FILE.match(spec) if isinstance(spec, str) else None
+        source = provenance.get(key, COMMAND_LINE)
+        if match is None or Path(match["file"]).is_absolute() or source == COMMAND_LINE:
+            return spec
+        return f"{Path(source).parent / match['file']}:{match['fn']}"
+
+    for domain, spec in routes.items():
+        key = f"rewards.routes.{domain}"
+        if isinstance(spec, list):
+            for i, item in enumerate(spec):
+                if isinstance(item, dict) and "reward" in item:
+                    item["reward"] = anchored(item["reward"], f"{key}.{i}.reward")
+        else:
+            routes[domain] = anchored(spec, key)
 
 
 # Advantage estimators that normalise within a prompt's group: with one response per prompt every advantage is 0.

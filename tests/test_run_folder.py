@@ -70,3 +70,21 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(workspace, damage,
     assert "resumed" in capsys.readouterr().out
     assert steps_logged(resumed.run_dir) == [1, 2, 3, 4, 5, 6]
     assert (resumed.run_dir / "final").resolve().name == "step_000006"
+
+
+def test_a_relative_reward_file_is_relative_to_the_config_that_names_it(tmp_path, monkeypatch):
+    from rl.config import load_config
+    from rewards.registry import get_reward
+
+    folder = tmp_path / "jobs"
+    (folder / "plugins").mkdir(parents=True)
+    (folder / "plugins" / "mine.py").write_text("def half(completion, reference, **meta):\n    return 0.5\n")
+    (folder / "job.yaml").write_text("algorithm: {advantage: grpo, policy_loss: grpo}\nrewards:\n  routes:\n    reasoning: plugins/mine.py:half\n"
+                                     "    tool: [{reward: plugins/mine.py:half, weight: 1.0}]\n")
+    monkeypatch.chdir(tmp_path)  # the working directory is not the config's folder
+    cfg, _ = load_config(folder / "job.yaml")
+    assert cfg.rewards.routes["reasoning"] == f"{folder / 'plugins' / 'mine.py'}:half"
+    assert cfg.rewards.routes["tool"][0]["reward"] == f"{folder / 'plugins' / 'mine.py'}:half"
+    get_reward(cfg.rewards.routes["reasoning"])  # resolvable from here
+    cfg, _ = load_config(folder / "job.yaml", ["rewards.routes.reasoning=jobs/plugins/mine.py:half"])
+    assert cfg.rewards.routes["reasoning"] == "jobs/plugins/mine.py:half"  # the command line: the working dir
