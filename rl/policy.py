@@ -369,7 +369,7 @@ class PolicyWorker:
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             if self.rank != 0:
                 continue
-            bucket[name] = full.detach().to("cpu", copy=True)
+            bucket[name] = full.detach().to("cpu")  # a CPU tensor is not copied: the engines copy it in
             size += full.numel() * full.element_size() / 2**20
             if size >= max_mb:
                 yield bucket

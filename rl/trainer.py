@@ -236,16 +236,19 @@ class Trainer:
                     describe=lambda shard: f"{len(shard)} samples (first: {shard[0].id})")
             rollouts.add_teacher(name, w, idx, scores)
 
-    def _sync_weights(self) -> None:
-        """Stream the new weights bucket by bucket from the training ranks to every engine that samples for us."""
+    def _sync_weights(self, engines: str = "rollout") -> None:
+        """Stream the new weights bucket by bucket from the training ranks to the rollout engines (after every
+        update) or to the evaluation engine (before an evaluation that follows updates)."""
         buckets = self.policy.weight_buckets(self.cfg.trainer.weight_sync_mb)
         bucket = next(buckets, None)
         while bucket is not None:  # one bucket ahead, so the engines know which one is the sync's last
             upcoming = next(buckets, None)
-            self.rollout_pool.broadcast("load_weights", bucket, upcoming is None, what="syncing weights")
-            if self.eval_engine is not None:
+            if engines == "rollout":
+                self.rollout_pool.broadcast("load_weights", bucket, upcoming is None, what="syncing weights")
+            else:
                 self.eval_engine.load_weights(bucket, last=upcoming is None)
             bucket = upcoming
+        self.eval_engine_stale = engines == "rollout" and self.eval_engine is not None
 
     def _rollout_metrics(self, rollouts: Rollouts) -> dict[str, float]:
         out = {"rollout/response_len": float(rollouts.response_mask.sum(-1).mean()),
@@ -280,6 +283,8 @@ class Trainer:
 
     def _eval_generate(self, prompts, settings):
         if self.eval_engine is not None:
+            if getattr(self, "eval_engine_stale", False):
+                self._sync_weights("evaluation")
             return self.eval_engine.generate(prompts, settings)
         from rollout.worker import combine_generations
 
