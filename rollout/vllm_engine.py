@@ -271,22 +271,21 @@ class VLLMEngine(RolloutEngine):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], last: bool = True) -> None:
         """Push the trainer's weights into the running engine (no restart); logs and records the time. The
-        trainer streams them in buckets: `last` marks the final bucket of a sync, after which the prefix cache is
-        reset, the sync checked (`check_sync`, over every bucket's tensors) and the engine put back to sleep."""
+        trainer streams them in buckets and `last` marks a sync's final one: the engine collects the buckets and
+        reloads once, at the last (vLLM's reload re-packs each MoE layer's experts together on the CPU, so a
+        layer must not arrive in parts), then resets its prefix cache, checks the sync (`check_sync`) and goes
+        back to sleep."""
+        self._pending = {**getattr(self, "_pending", {}), **state_dict}
+        if not last:
+            return
+        state_dict, self._pending = self._pending, {}
         self._wake(tags=["weights"])
         t0 = time.perf_counter()
         self.sync.push(self.llm, state_dict)
-        self._sync_seconds = getattr(self, "_sync_seconds", 0.0) + time.perf_counter() - t0
-        if self.check_sync:
-            self._synced = {**getattr(self, "_synced", {}), **state_dict}
-        if not last:
-            return
         self.llm.reset_prefix_cache()
-        record = {"seconds": self._sync_seconds}
-        self._sync_seconds = 0.0
+        record = {"seconds": time.perf_counter() - t0}
         if self.check_sync:
-            record["max_logprob_diff"] = self.verify(self._synced)
-            self._synced = {}
+            record["max_logprob_diff"] = self.verify(state_dict)
         self.syncs.append(record)
         log.info("vllm weight sync #%d (%s): %.3f s%s", len(self.syncs), self.sync.name, record["seconds"],
                  f", check max |dlogp| {record['max_logprob_diff']:.2e}" if self.check_sync else "")

@@ -117,6 +117,27 @@ def test_greedy_equals_transformers_before_and_after_a_live_sync(workspace, engi
 
 
 @needs_vllm
+def test_a_sync_streamed_in_buckets_is_checked_once_at_its_last_bucket(workspace, engines, project_tokenizer):
+    """The trainer streams weights in buckets (`trainer.weight_sync_mb`): the engine collects them and reloads,
+    checks the sync against transformers and records it once, at the last bucket."""
+    vllm_engine, hf_engine = engines
+    renderer, prompts = render_all(workspace, [make_text_sample(q) for q in QUESTIONS])
+    settings = SamplingSettings(max_new_tokens=10, greedy=True, suppress_token_ids=renderer.placeholder_ids)
+    new = {k: v.detach() for k, v in build_model(TinyModelSpec(family="qwen3_vl_moe", **TINY), project_tokenizer,
+                                                  seed=11).state_dict().items()}
+    names = list(new)
+    thirds = [names[i::3] for i in range(3)]
+    syncs = len(vllm_engine.sync_stats())
+    for i, part in enumerate(thirds):
+        bucket = {n: new[n] for n in part}
+        vllm_engine.load_weights(bucket, last=i == 2)
+        hf_engine.load_weights(bucket, last=i == 2)
+        assert len(vllm_engine.sync_stats()) == syncs + (i == 2)
+    assert vllm_engine.sync_stats()[-1]["max_logprob_diff"] < 1e-3
+    assert_same_generations(vllm_engine.generate(prompts, settings), hf_engine.generate(prompts, settings))
+
+
+@needs_vllm
 def test_sampled_logprobs_are_the_trainers_raw_logprobs_and_suppressed_tokens_never_appear(
         workspace, engines, project_tokenizer):
     vllm_engine, _ = engines
