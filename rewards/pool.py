@@ -128,12 +128,15 @@ class WorkerPool:
 
     # -- running -------------------------------------------------------------------------------------------------
 
-    def run(self, jobs: list[Job]) -> dict[int, Outcome]:
-        """Outcome per batch index for every item of `jobs`; never blocks longer than the timeouts allow."""
+    def run(self, jobs: list[Job], stop=None) -> dict[int, Outcome]:
+        """Outcome per batch index for every item of `jobs`; never blocks longer than the timeouts allow.
+        `stop(results)`, asked after each new failure: True returns at once with what is done (workers still busy
+        are replaced at the next run)."""
         self._ensure_workers()
         results: dict[int, Outcome] = {}
         pending = deque(jobs)
         while pending or any(w.job for w in self._workers):
+            failures = sum(1 for o in results.values() if o.error) if stop is not None else 0
             for worker in self._workers:
                 if worker.job is None and pending:
                     self._submit(worker, pending.popleft())
@@ -155,6 +158,8 @@ class WorkerPool:
                     phase = "loading the reward" if worker.job.plan is None else "the reward call"
                     limit = self.load_timeout_s if worker.job.plan is None else self.timeout_s
                     self._replace(index, results, pending, f"timed out after {limit:g}s ({phase}); worker killed")
+            if stop is not None and sum(1 for o in results.values() if o.error) > failures and stop(results):
+                return results
         return results
 
     def _submit(self, worker: _Worker, job: Job) -> None:

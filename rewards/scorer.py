@@ -196,15 +196,36 @@ class RewardScorer:
             items.append((str(sample.get("prompt") or ""), completion, sample.get("reference"), meta, extras))
 
         outcomes: dict[int, Outcome] = {}
+        decided = lambda done: self._decided(groups, done)  # noqa: E731
         if self.num_workers == 0:
             for key, indices in groups.items():
-                outcomes.update(self._run_inline(self._rewards[key], indices, items))
+                outcomes.update(self._run_inline(self._rewards[key], indices, items, lambda: decided(outcomes)))
+                if decided(outcomes):
+                    break
         elif groups:
-            outcomes = self._pool_run(groups, specs, items)
+            outcomes = self._pool_run(groups, specs, items, decided)
         return self._collect(samples, groups, outcomes, time.monotonic() - start)
 
-    def _run_inline(self, reward: BatchReward, indices: list[int], items: list) -> dict[int, Outcome]:
-        """In-process scoring, call by call (the units a worker would time), each under `timeout_s`."""
+    def _decided(self, groups: dict[str, list[int]], outcomes: dict[int, Outcome]) -> bool:
+        """True once this batch ends in a RewardError whatever its other samples score (on_error=raise: any
+        failure; zero: a reward past max_error_frac even if all the rest succeed). The rest is then not waited
+        for: a reward that hangs on every sample would otherwise cost timeout_s per sample before the error."""
+        for key, indices in groups.items():
+            failed = sum(1 for i in indices if i in outcomes and outcomes[i].error)
+            if not failed:
+                continue
+            if self.on_error == "raise":
+                return True
+            before_failed, before = self._tally.get(self._rewards[key].name, [0, 0])
+            total = before + len(indices)
+            if total >= self.judge_after and (before_failed + failed) / total > self.max_error_frac:
+                return True
+        return False
+
+    def _run_inline(self, reward: BatchReward, indices: list[int], items: list, decided=lambda: False
+                    ) -> dict[int, Outcome]:
+        """In-process scoring, call by call (the units a worker would time), each under `timeout_s`; stops once
+        `decided()` says the batch has failed."""
         out: dict[int, Outcome] = {}
         columns = [list(c) for c in zip(*(items[i] for i in indices))]
         for start, end in call_units(reward, len(indices)):
@@ -219,9 +240,12 @@ class RewardScorer:
             except Exception as exc:  # noqa: BLE001 - as a worker reports it
                 outcomes = [Outcome(0.0, (), describe_exception(exc))] * (end - start)
             out.update(zip(indices[start:end], outcomes))
+            if any(o.error for o in outcomes) and decided():
+                break
         return out
 
-    def _pool_run(self, groups: dict[str, list[int]], specs: dict[str, Any], items: list) -> dict[int, Outcome]:
+    def _pool_run(self, groups: dict[str, list[int]], specs: dict[str, Any], items: list, decided
+                  ) -> dict[int, Outcome]:
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers, self.timeout_s, self.base_dir, self.preload,
                                     load_timeout_s=self.load_timeout_s)
@@ -231,7 +255,7 @@ class RewardScorer:
             for start in range(0, len(indices), size):
                 chunk = indices[start : start + size]
                 jobs.append(Job(key, specs[key], chunk, [items[i] for i in chunk]))
-        return self._pool.run(jobs)
+        return self._pool.run(jobs, stop=decided)
 
     def _collect(self, samples, groups, outcomes: dict[int, Outcome], elapsed: float) -> RewardResult:
         n = len(samples)
@@ -239,11 +263,16 @@ class RewardScorer:
         reasons: Counter = Counter()
         errors: list[str] = []
         broken: list[str] = []
+        unscored = 0  # samples left unscored because the batch had already failed (`_decided`)
         for key, indices in groups.items():
             name = self._rewards[key].name
             first_error = len(errors)
             for i in indices:
-                outcome = outcomes[i]
+                outcome = outcomes.get(i)
+                if outcome is None:
+                    failed[i] = True
+                    unscored += 1
+                    continue
                 if outcome.error:
                     failed[i] = True
                     sample = samples[i]
@@ -271,6 +300,7 @@ class RewardScorer:
                                f"{errors[first_error]}")
         if errors and self.on_error == "raise":
             more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            more += f"; {unscored} other samples were not scored after it" if unscored else ""
             raise RewardError(errors[0] + more, errors)
         if broken:
             raise RewardError("; ".join(broken), errors)

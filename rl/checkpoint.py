@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -116,24 +118,58 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], trainer_state: dict[str, Any],
                     keep: int = 0) -> Path:
     """`write(folder)` writes the model (shards and export); `trainer_state` goes to trainer_state.pt; then the
-    manifest, then one rename. `keep` > 0 keeps step 0 and the newest `keep` others."""
+    manifest, then one rename. `keep` > 0 keeps step 0 and the newest `keep` others.
+
+    A folder is only ever removed by renaming it out of the `step_*` namespace first (`_discard`), so a kill at any
+    moment leaves each `step_*` folder complete or absent, never half-deleted."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.parent / f".tmp_{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(final.parent)
+    tmp.mkdir()
     write(tmp)
+    _test_pause(step, "written")
     torch.save(trainer_state, tmp / STATE_FILE)
     write_manifest(tmp)
-    if final.exists():  # re-saving a step (e.g. the end of a resumed run that had already saved it)
-        shutil.rmtree(final)
+    _test_pause(step, "manifest")
+    if final.exists():  # re-saving a step (e.g. after its earlier checkpoint was found damaged)
+        _discard(final)
     tmp.rename(final)
+    _test_pause(step, "renamed")
     if keep > 0:
         # Keep step 0 (the starting model, the "before" of every comparison) and the newest `keep`.
         steps = [(s, p) for s, p in list_checkpoints(run_dir) if s != 0]
         for _, old in steps[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Rename out of the checkpoint namespace (atomic), then delete: a kill mid-delete leaves only a `.deleting_*`
+    folder, which no reader lists and the next save removes."""
+    trash = folder.with_name(f".deleting_{folder.name}")
+    if trash.exists():
+        shutil.rmtree(trash)
+    folder.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """What an interrupted save or delete left behind (`.tmp_*`, `.deleting_*`): never a checkpoint, so removed."""
+    for child in root.iterdir():
+        if child.name.startswith((".tmp_step_", ".deleting_step_")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+# Test-only: "<step>:<stage>" holds that checkpoint's save at that stage ("written", "manifest", "renamed") for an
+# hour, so that the fault suite (bench/fault_suite.py, tests/test_faults.py) can kill -9 the run exactly there.
+TEST_PAUSE_ENV = "VLPOST_TEST_SAVE_PAUSE"
+
+
+def _test_pause(step: int, stage: str) -> None:
+    if os.environ.get(TEST_PAUSE_ENV) == f"{step}:{stage}":
+        print(f"test pause: checkpoint step {step} at {stage}", flush=True)
+        time.sleep(3600)
 
 
 def load_trainer_state(folder: Path) -> dict[str, Any]:
