@@ -99,6 +99,13 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args.config, args.overrides)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from compare.runner import run_compare
+
+    run_compare(args.config, args.overrides)
+    return 0
+
+
 def format_summary(summary: dict) -> str:
     rows = [f"{'domain':<12} {'before':>8} {'after':>8} {'teacher':>8} {'after/teacher':>14} {'n':>5}"]
     for domain, r in summary["domains"].items():
@@ -150,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo plan (default: configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="overrides applied to the MOPD stage")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("compare", help="MOPD against Mix-RL, Cascade RL, off-policy FT and parameter merges from "
+                                       "one base student (docs/compare.md); finished stages are skipped")
+    p.add_argument("config", help="comparison plan, e.g. configs/compare_tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the plan, e.g. seeds=[0] budget.updates=30")
+    p.set_defaults(fn=_compare)
 
     p = sub.add_parser("keys", help="print every config key with its default and meaning (Markdown)")
     p.set_defaults(fn=_keys)
