@@ -49,8 +49,14 @@ def _check(args: argparse.Namespace) -> int:
     from rl.config import load_config
     from rl.config_check import check_config
 
+    from compare.plan import is_compare_plan, load_plan
+
     if is_plan(args.config):  # a demo plan: every stage, as `demo` will run it
         problems, notes = check_plan(args.config, args.overrides, require_files=args.require_files)
+    elif is_compare_plan(args.config):  # a comparison plan: its keys (its jobs are checked when `compare` starts)
+        plan = load_plan(args.config, args.overrides)
+        problems, notes = [], [f"comparison plan: {len(plan.domains)} domains, "
+                                f"{sum(m.enabled for m in plan.methods.values())} methods, seeds {plan.seeds}"]
     else:
         cfg, _ = load_config(args.config, args.overrides)
         problems, notes = check_config(cfg, require_files=args.require_files)

@@ -15,6 +15,7 @@ sequences per update, the same generation cap) and is evaluated on the same held
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from compare.plan import MethodSpec
 from compare.score import normalized_score, one_benchmark
 from compare.stages import run_job
 from rl.config import load_config
+from rl.config_loader import deep_merge
 
 TRAINED = ("mopd", "mix_rl", "cascade_rl", "offpolicy_ft")
 
@@ -36,6 +38,7 @@ class MethodRun:
 
     heldout: dict[str, float]
     curve: list[tuple[int, dict[str, float]]]
+    final: Path
     budget: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,7 +115,7 @@ def _finish(cmp, stages: list, extra_budget: dict[str, Any] | None = None) -> Me
             budget[key] += spent[key]
     budget["sequences_per_update"] = budget["sequences"] / max(budget["updates"], 1)
     budget.update(extra_budget or {})
-    return MethodRun(heldout=curve[-1][1], curve=curve, budget=budget)
+    return MethodRun(heldout=curve[-1][1], curve=curve, final=stages[-1].run_dir / "final", budget=budget)
 
 
 def check_trained(cmp, name: str, spec: MethodSpec) -> None:
@@ -192,6 +195,44 @@ def _offpolicy_ft(cmp, name: str, spec: MethodSpec, seed: int) -> MethodRun:
     return _finish(cmp, [cfg], {"teacher_generated_tokens": teacher_tokens, "demonstrations_kept": kept})
 
 
+def with_lr(name: str, spec: MethodSpec, lr: float | None) -> tuple[str, MethodSpec]:
+    """The method's run name and spec at learning rate `lr` (None: as the plan says)."""
+    if lr is None:
+        return name, spec
+    return f"{name}_lr{lr:g}", dataclasses.replace(spec, job=deep_merge(spec.job, {"optim": {"lr": lr}}))
+
+
+def choose_lr(cmp, name: str, spec: MethodSpec) -> float | None:
+    """`lr_sweep`: each learning rate trained in the first seed, scored on the training split; the best normalized
+    score there wins (never the held-out sets). None without a sweep."""
+    if not spec.lr_sweep:
+        return None
+    seed, n = cmp.plan.seeds[0], spec.select_samples
+    sel_student, sel_teacher = cmp.reference_scores("train", n)
+    selection = [s for v in cmp.selection_samples(n).values() for s in v]
+    scores: dict[float, float | None] = {}
+    for lr in spec.lr_sweep:
+        run_name, lr_spec = with_lr(name, spec, lr)
+        run = run_trained(cmp, run_name, lr_spec, seed)
+        rewards = cmp.evaluator()(f"s{seed}_{run_name}_train{n}", run.final, selection)
+        scores[lr] = normalized_score(one_benchmark(rewards), one_benchmark(sel_student),
+                                      one_benchmark(sel_teacher))[1]
+    best = _best(scores)
+    details = {"lr": best, "train_normalized": {f"{k:g}": v for k, v in scores.items()}, "select_samples": n}
+    (cmp.out / f"{name}_lr_selection.json").write_text(json.dumps(details, indent=2))
+    cmp.log(f"[compare] {name}: lr {best:g} (training-split normalized: {_fmt(scores)})")
+    return best
+
+
+def _best(scores: dict[float, float | None]) -> float:
+    """The key with the highest defined score (the first one on ties or when none is defined)."""
+    return max(scores, key=lambda k: float("-inf") if scores[k] is None else scores[k])
+
+
+def _fmt(scores: dict[float, float | None]) -> str:
+    return ", ".join(f"{k:g}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in scores.items())
+
+
 # ---------------------------------------------------------------------- merges
 
 
@@ -239,10 +280,9 @@ def run_merge(cmp, name: str, spec: MethodSpec, student: dict[str, float], teach
         rewards = cmp.evaluator()(f"{name}_lambda{lam:g}_train{n}", path, [s for v in selection.values() for s in v])
         scores[lam] = normalized_score(one_benchmark(rewards), one_benchmark(sel_student),
                                        one_benchmark(sel_teacher))[1]
-    best = max(scores, key=lambda lam: -1e9 if scores[lam] is None else scores[lam])
+    best = _best(scores)
     details = {"lambda": best, "train_normalized": {f"{k:g}": v for k, v in scores.items()}, "select_samples": n}
     (cmp.out / f"{name}_selection.json").write_text(json.dumps(details, indent=2))
-    cmp.log(f"[compare] {name}: lambda {best:g} (training-split normalized: "
-            + ", ".join(f"{k:g}: {'n/a' if v is None else f'{v:.3f}'}" for k, v in scores.items()) + ")")
+    cmp.log(f"[compare] {name}: lambda {best:g} (training-split normalized: {_fmt(scores)})")
     return MergeResult(cmp.evaluator()(f"{name}_lambda{best:g}", candidates[best], cmp.heldout_all()),
                        details=details)

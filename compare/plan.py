@@ -76,11 +76,15 @@ class MethodSpec:
     temperature: float = option("offpolicy_ft: the teachers' sampling temperature (0: greedy).", default=1.0, ge=0)
     keep_truncated: bool = option("offpolicy_ft: also keep answers cut off at max_new_tokens (toy smoke runs of "
                                   "untrained models; a real comparison keeps finished answers only).", default=False)
+    lr_sweep: list[float] = option(
+        "Trained methods: learning rates tried (full-budget runs of the first seed, as `<method>_lr<lr>`), scored on "
+        "the training split (`select_samples` per domain); the best normalized score there is used for every seed. "
+        "Empty: the job's own optim.lr.", default_factory=list, gt=0)
     lambdas: list[float] = option("merge_task_arithmetic: the lambdas tried; the one with the best normalized "
                                   "score on the training split is reported.",
                                   default_factory=lambda: [0.3, 0.5, 0.7, 1.0])
-    select_samples: int = option("merge_task_arithmetic: training-split samples per domain that choose lambda.",
-                                 default=64, ge=1)
+    select_samples: int = option("Training-split samples per domain that choose lambda (merge_task_arithmetic) or "
+                                 "the learning rate (lr_sweep).", default=64, ge=1)
 
 
 @dataclass

@@ -33,7 +33,8 @@ def budget_record(cmp, trained: dict[str, list]) -> dict[str, Any]:
 
 
 def write_report(cmp, student: dict[str, float], teacher: dict[str, float], trained: dict[str, list],
-                 merges: dict[str, Any], log=print) -> dict[str, Any]:
+                 merges: dict[str, Any], notes: dict[str, str] | None = None, log=print) -> dict[str, Any]:
+    """`notes`: what was chosen on the training split per method (lambda, lr), shown beside its label."""
     results: dict[str, Any] = {STUDENT: [student], TEACHERS: [teacher]}
     for name, runs in trained.items():
         results[name] = [r.heldout for r in runs]
@@ -48,9 +49,8 @@ def write_report(cmp, student: dict[str, float], teacher: dict[str, float], trai
     tmp.replace(out / "summary.json")
     labels = {STUDENT: "base student", TEACHERS: "each teacher on its own domain"}
     labels.update({n: m.label or n for n, m in cmp.plan.methods.items()})
-    for name, merge in merges.items():
-        if merge.details.get("lambda") is not None:
-            labels[name] += f" (lambda {merge.details['lambda']:g})"
+    for name, note in (notes or {}).items():
+        labels[name] += f" ({note})"
     table = format_table(summary, labels)
     (out / "table.md").write_text(table + "\n")
     seeds = len(next(iter(trained.values()), []))

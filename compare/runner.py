@@ -169,7 +169,7 @@ def _deep_set(data: dict[str, Any], key: str, values: dict[str, Any]) -> dict[st
 
 def run_compare(plan_path: str | None, overrides: list[str], log=print) -> dict[str, Any]:
     """Run (or resume) a comparison and write its report; returns the summary."""
-    from compare.methods import TRAINED, check_trained, run_merge, run_trained
+    from compare.methods import TRAINED, check_trained, choose_lr, run_merge, run_trained, with_lr
     from compare.report import write_report
 
     started = time.perf_counter()
@@ -184,15 +184,17 @@ def run_compare(plan_path: str | None, overrides: list[str], log=print) -> dict[
     student, teacher = cmp.reference_scores()
     cmp.student_scores = student
     merges = {n: run_merge(cmp, n, m, student, teacher) for n, m in methods.items() if m.kind not in TRAINED}
-    trained: dict[str, list] = {n: [] for n, m in methods.items() if m.kind in TRAINED}
+    notes = {n: f"lambda {m.details['lambda']:g}" for n, m in merges.items() if "lambda" in m.details}
+    lrs = {n: choose_lr(cmp, n, m) for n, m in methods.items() if m.kind in TRAINED}  # on the training split
+    notes.update({n: f"lr {lr:g}" for n, lr in lrs.items() if lr is not None})
+    trained: dict[str, list] = {n: [] for n in lrs}
     summary: dict[str, Any] = {}
     for seed in plan.seeds:
-        for name, spec in methods.items():
-            if spec.kind in TRAINED:
-                trained[name].append(run_trained(cmp, name, spec, seed))
-        summary = write_report(cmp, student, teacher, trained, merges, log=log)
+        for name in trained:
+            trained[name].append(run_trained(cmp, *with_lr(name, methods[name], lrs[name]), seed))
+        summary = write_report(cmp, student, teacher, trained, merges, notes, log=log)
     if not trained:
-        summary = write_report(cmp, student, teacher, trained, merges, log=log)
+        summary = write_report(cmp, student, teacher, trained, merges, notes, log=log)
     log(f"[compare] finished in {time.perf_counter() - started:.0f}s: {cmp.out / 'summary.json'}")
     (cmp.out / "wall_time_s.json").write_text(json.dumps({"last_invocation_s": time.perf_counter() - started}))
     return summary

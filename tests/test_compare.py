@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cli.main import main
 from compare.plan import load_plan
 from compare.runner import run_compare
 from compare.score import build_summary, domain_gap_closed, format_table, mean_std, normalized_score
@@ -81,7 +82,7 @@ def _toy_plan(workspace: Path, root: Path, teacher_path: dict[str, str] | None =
         "methods": methods if methods is not None else {
             "mopd": {"kind": "mopd", "teacher_args": {"num_workers": 0},
                      "job": {"rollout": {"group_size": 1}, "algorithm": {"advantage": "mopd", "mopd_adv_clip": 5.0}}},
-            "mix_rl": {"kind": "mix_rl", "job": gspo},
+            "mix_rl": {"kind": "mix_rl", "job": gspo, "lr_sweep": [1e-3, 1e-2], "select_samples": 2},
             "cascade_rl": {"kind": "cascade_rl", "order": ["reasoning", "tool"], "job": gspo},
             "offpolicy_ft": {"kind": "offpolicy_ft", "prompts_per_domain": 4, "min_reward": 0.0,
                              "keep_truncated": True, "job": sft},
@@ -123,13 +124,21 @@ def test_toy_comparison_runs_every_method_and_caches(workspace, tmp_path):
     for d in ("tool", "reasoning"):
         assert (out / "plots" / f"{d}.png").stat().st_size > 0
     assert (out / "table.md").read_text().startswith("| method | normalized |")
-    assert sum("training ->" in line for line in lines) == 2 + 1 + 1 + 2 + 1  # teachers, mopd, mix, cascade, off
+    # teachers, mix_rl's two learning rates (the chosen one is its seed-0 run), mopd, cascade, off-policy
+    assert sum("training ->" in line for line in lines) == 2 + 2 + 1 + 2 + 1
+    chosen = json.loads((out / "mix_rl_lr_selection.json").read_text())
+    assert chosen["lr"] in (1e-3, 1e-2) and set(chosen["train_normalized"]) == {"0.001", "0.01"}
+    assert (root / "s0" / "mix_rl_lr0.001" / "final").exists() and (root / "s0" / "mix_rl_lr0.01" / "final").exists()
+    assert f"mix_rl (lr {chosen['lr']:g})" in (out / "table.md").read_text()
 
     again: list[str] = []
     assert run_compare(str(plan), [], log=again.append) == summary
     assert not any("training ->" in line for line in again)  # every stage cached
     assert not any(line.startswith("[compare] eval ") for line in again)  # every evaluation cached
-    assert sum("done already" in line for line in again) == 2 + 1 + 1 + 2 + 1
+    assert sum("done already" in line for line in again) == 2 + 2 + 1 + 1 + 2 + 1
+
+    assert main(["compare", str(plan)]) == 0  # the command line: everything cached
+    assert main(["check", str(plan)]) == 0
 
     # a cached stage under a changed job is refused with the key named, not silently reused
     with pytest.raises(ConfigError, match="optim.lr"):
@@ -159,6 +168,18 @@ def test_plan_errors_name_the_key(tmp_path, workspace):
                                 "{rollout: {group_size: 2}, algorithm: {advantage: gspo, policy_loss: gspo}}}}"],
                     log=lines.append)
     assert not lines  # refused before any stage ran
+
+
+def test_demonstrations_source_keeps_answered_samples(workspace, tmp_path):
+    from tasks.demonstrations import DemonstrationTasks
+
+    args = {"data_dir": str(workspace / "data"), "n_train": 16, "n_eval": 4, "split": "train", "domains": ["tool"]}
+    file = tmp_path / "demos.jsonl"
+    file.write_text('{"id": "tool-train-3", "target": "forty two", "reward": 1.0}\n'
+                    '{"id": "tool-train-5", "target": "seven"}\n')
+    samples = list(DemonstrationTasks(str(file), "embedded", args, seed=0))
+    assert [(s.id, s.target) for s in samples] == [("tool-train-3", "forty two"), ("tool-train-5", "seven")]
+    assert samples[0].tools and samples[0].domain == "tool"
 
 
 def test_shipped_plans_load():
