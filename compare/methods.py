@@ -125,11 +125,15 @@ def check_trained(cmp, name: str, spec: MethodSpec) -> None:
     saved = cmp.student_path, dict(cmp.teacher_paths)
     cmp.student_path = cmp.student_path or placeholder
     cmp.teacher_paths = {d: cmp.teacher_paths.get(d, cmp.root / f"teacher_{d}" / "final") for d in cmp.domains}
+    written: list[Path] = []
     try:
         for label, args in _trained_jobs(cmp, name, spec, cmp.plan.seeds[0]):
+            written.append(cmp.configs / f"check_{label.replace('/', '_')}.yaml")  # where `sized_job` writes it
             sized_job(cmp, f"check/{label}", *args)
     finally:
         cmp.student_path, cmp.teacher_paths = saved
+        for path in written:  # placeholders, not stages: only the real jobs stay in configs/
+            path.unlink(missing_ok=True)
 
 
 def _trained_jobs(cmp, name: str, spec: MethodSpec, seed: int) -> list[tuple[str, tuple]]:

@@ -123,6 +123,8 @@ def test_toy_comparison_runs_every_method_and_caches(workspace, tmp_path):
         "0.5", "1"}
     for d in ("tool", "reasoning"):
         assert (out / "plots" / f"{d}.png").stat().st_size > 0
+    written = sorted(p.name for p in (out / "configs").iterdir())
+    assert "s0_mopd.yaml" in written and not any(n.startswith("check_") for n in written)
     assert (out / "table.md").read_text().startswith("| method | normalized |")
     # teachers, mix_rl's two learning rates (the chosen one is its seed-0 run), mopd, cascade, off-policy
     assert sum("training ->" in line for line in lines) == 2 + 2 + 1 + 2 + 1
