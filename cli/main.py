@@ -49,8 +49,14 @@ def _check(args: argparse.Namespace) -> int:
     from rl.config import load_config
     from rl.config_check import check_config
 
+    from compare.plan import is_compare_plan, load_plan
+
     if is_plan(args.config):  # a demo plan: every stage, as `demo` will run it
         problems, notes = check_plan(args.config, args.overrides, require_files=args.require_files)
+    elif is_compare_plan(args.config):  # a comparison plan: its keys (its jobs are checked when `compare` starts)
+        plan = load_plan(args.config, args.overrides)
+        problems, notes = [], [f"comparison plan: {len(plan.domains)} domains, "
+                                f"{sum(m.enabled for m in plan.methods.values())} methods, seeds {plan.seeds}"]
     else:
         cfg, _ = load_config(args.config, args.overrides)
         problems, notes = check_config(cfg, require_files=args.require_files)
@@ -97,6 +103,13 @@ def _demo(args: argparse.Namespace) -> int:
     from cli.demo import run_demo
 
     return run_demo(args.config, args.overrides)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from compare.runner import run_compare
+
+    run_compare(args.config, args.overrides)
+    return 0
 
 
 def format_summary(summary: dict) -> str:
@@ -150,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="demo plan (default: configs/demo.yaml)")
     p.add_argument("overrides", nargs="*", help="overrides applied to the MOPD stage")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("compare", help="MOPD against Mix-RL, Cascade RL, off-policy FT and parameter merges from "
+                                       "one base student (docs/compare.md); finished stages are skipped")
+    p.add_argument("config", help="comparison plan, e.g. configs/compare_tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the plan, e.g. seeds=[0] budget.updates=30")
+    p.set_defaults(fn=_compare)
 
     p = sub.add_parser("keys", help="print every config key with its default and meaning (Markdown)")
     p.set_defaults(fn=_keys)

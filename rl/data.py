@@ -20,7 +20,7 @@ def load_tasks(task_configs: list[Any], seed: int, weighted: bool = False) -> li
     samples: list[Sample] = []
     for i, task in enumerate(task_configs):
         args = dict(task.args)
-        if task.source in ("embedded", "embedded_video"):
+        if task.source in ("embedded", "embedded_video", "demonstrations"):
             args.setdefault("seed", seed)
         try:
             source = get_task_source(task.source)(**args)

@@ -109,7 +109,8 @@ TASK_SOURCES: Registry[Callable[..., TaskSource]] = Registry("task source")
 # name them.
 for _name, _target in {"embedded": "tasks.embedded:EmbeddedTasks",
                        "embedded_video": "tasks.embedded_video:EmbeddedVideoTasks",
-                       "video_files": "tasks.embedded_video:VideoFileTasks"}.items():
+                       "video_files": "tasks.embedded_video:VideoFileTasks",
+                       "demonstrations": "tasks.demonstrations:DemonstrationTasks"}.items():
     TASK_SOURCES.register(_name, _target)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from compare.plan import is_compare_plan
 from rl.config import load_config
 from rl.config_check import check_config
 from rl.config_loader import ConfigError
@@ -269,14 +270,15 @@ def _job_files() -> list[str]:
         b = data.get("base") or []
         bases.update([b] if isinstance(b, str) else b)
     staged = {Path(s).name for data in shipped.values() for s in data.get("stages", [])}
-    return [name for name, data in shipped.items() if "stages" not in data and (name not in bases or name in staged)]
+    return [name for name, data in shipped.items() if "stages" not in data and not is_compare_plan(CONFIGS / name)
+            and (name not in bases or name in staged)]
 
 
 def test_configs_folder_is_classified():
     """Each shipped YAML is a job, a demo plan or a base fragment that some job builds on (loaded through it)."""
     shipped = _shipped()
     jobs = set(_job_files())
-    plans = {n for n, d in shipped.items() if "stages" in d}
+    plans = {n for n, d in shipped.items() if "stages" in d or is_compare_plan(CONFIGS / n)}
     fragments = set(shipped) - jobs - plans
     assert jobs, "no job configs found"
     for fragment in fragments:
