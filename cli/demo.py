@@ -70,9 +70,8 @@ def check_plan(path: str | Path, overrides: list[str], require_files: bool = Fal
 def run_demo(plan_path: str | None, overrides: list[str]) -> int:
     from cli.main import format_summary
     from rl.config import load_config
-    from rl.config_check import check_config
     from rl.config_loader import ConfigError
-    from rl.trainer import Trainer
+    from rl.trainer import train_job
 
     plan_path = plan_path or DEFAULT_PLAN
     stages = load_plan(plan_path)
@@ -88,16 +87,9 @@ def run_demo(plan_path: str | None, overrides: list[str]) -> int:
         if final.exists() and not last:
             print(f"[demo] {stage}: done already ({final})", flush=True)
             continue
-        problems, _ = check_config(cfg, require_files=True)  # earlier stages' outputs exist by now
-        if problems:
-            raise ConfigError(f"{stage}: " + "; ".join(problems))
         print(f"[demo] stage {i + 1}/{len(stages)}: {stage} -> {cfg.run_dir}", flush=True)
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, resolved)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+        train_job(cfg, resolved, stage)  # checked first: earlier stages' outputs exist by now
         print(f"[demo] {stage}: {time.perf_counter() - t0:.0f}s", flush=True)
         summary_path = cfg.run_dir / "eval" / "summary.json"
     summary = json.loads(summary_path.read_text())

@@ -18,27 +18,23 @@ TRACEBACK_ENV = "VLPOST_TRACEBACK"
 def _train(args: argparse.Namespace) -> int:
     from rl.config import load_config
     from rl.config_check import check_config
-    from rl.trainer import Trainer
+    from rl.placement import resolve_launcher
+    from rl.trainer import train_job
 
     cfg, resolved = load_config(args.config, args.overrides)
+    if resolve_launcher(cfg) == "torchrun" and int(os.environ["RANK"]) > 0:
+        # a torchrun rank > 0 is a policy rank only: it serves what rank 0 (the controller) asks
+        from rl.worker_group import init_torchrun_group, serve_policy_rank
+
+        if not check_config(cfg, require_files=True)[0]:  # rank 0 reports the problems and stops the job
+            serve_policy_rank(cfg, *init_torchrun_group(cfg))
+        return 0
     problems, _ = check_config(cfg, require_files=True)
     if problems:  # what `check` would report stops the run before any model, actor or data is loaded
         for p in problems:
             print(f"error: {args.config}: {p}", file=sys.stderr)
         return EXIT_ERROR
-    from rl.placement import resolve_launcher
-
-    if resolve_launcher(cfg) == "torchrun" and int(os.environ["RANK"]) > 0:
-        # a torchrun rank > 0 is a policy rank only: it serves what rank 0 (the controller) asks
-        from rl.worker_group import init_torchrun_group, serve_policy_rank
-
-        serve_policy_rank(cfg, *init_torchrun_group(cfg))
-        return 0
-    trainer = Trainer(cfg, resolved)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    train_job(cfg, resolved, args.config)
     summary = json.loads((cfg.run_dir / "eval" / "summary.json").read_text())
     print(format_summary(summary))
     return 0

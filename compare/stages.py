@@ -49,8 +49,7 @@ def stage_changes(run_dir: Path, resolved: dict[str, Any]) -> list[str]:
 def run_job(path: str | Path, label: str, overrides: list[str] | None = None, log=print) -> JobConfig:
     """Train the job at `path` unless its run is finished under the same config; returns its config (its
     model is `cfg.run_dir / "final"`)."""
-    from rl.config_check import check_config
-    from rl.trainer import Trainer
+    from rl.trainer import train_job
 
     cfg, resolved = load_config(path, overrides or [])
     final = cfg.run_dir / "final"
@@ -62,15 +61,8 @@ def run_job(path: str | Path, label: str, overrides: list[str] | None = None, lo
                               "that folder to retrain it, or give the comparison another run.name")
         log(f"[compare] {label}: done already ({final})")
         return cfg
-    problems, _ = check_config(cfg, require_files=True)
-    if problems:
-        raise ConfigError(f"{label} ({path}): " + "; ".join(problems))
     log(f"[compare] {label}: training -> {cfg.run_dir}")
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, resolved)
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    train_job(cfg, resolved, f"{label} ({path})")
     log(f"[compare] {label}: {time.perf_counter() - t0:.0f}s")
     return cfg

@@ -342,6 +342,23 @@ class Trainer:
         self.policy.close()
 
 
+def train_job(cfg: JobConfig, resolved: dict[str, Any], label: str) -> None:
+    """Check a job as `vlpost check --require-files` would (what it reports stops the run before any model,
+    actor or data is loaded: a ConfigError naming `label`), then train it to the end; the one path of `train`,
+    the demo's stages and the comparison's."""
+    from rl.config_check import check_config
+    from rl.config_loader import ConfigError
+
+    problems, _ = check_config(cfg, require_files=True)
+    if problems:
+        raise ConfigError(f"{label}: " + "; ".join(problems))
+    trainer = Trainer(cfg, resolved)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+
+
 # ---------------------------------------------------------------------- small pure helpers
 
 
