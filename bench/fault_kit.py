@@ -303,3 +303,29 @@ def checkpoint_problems(run: Path) -> list[str]:
 
 def one_record_per_step(run: Path, steps: int) -> bool:
     return [int(r["step"]) for r in step_records(run)] == list(range(1, steps + 1))
+
+
+# A reward module whose functions fail in each way a user's reward can: raise, hang, NaN, a non-number, now and then.
+BAD_REWARDS = '''
+import math, time
+
+CALLS = [0]
+
+def raises(completion, reference, **meta):
+    raise ValueError("the reward has a bug")
+
+def hangs(completion, reference, **meta):
+    time.sleep(3600)
+
+def nan(completion, reference, **meta):
+    return math.nan
+
+def word(completion, reference, **meta):
+    return "good"
+
+def flaky(completion, reference, **meta):
+    CALLS[0] += 1
+    if CALLS[0] % 5 == 0:
+        raise ValueError("every fifth call fails")
+    return 1.0
+'''

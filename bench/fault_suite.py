@@ -243,29 +243,6 @@ def damaged_checkpoint(ws: Path, reference: dict, run: Path, config: Path) -> li
     return rows
 
 
-REWARDS = '''
-import math, time
-
-CALLS = [0]
-
-def raises(completion, reference, **meta):
-    raise ValueError("the reward has a bug")
-
-def hangs(completion, reference, **meta):
-    time.sleep(3600)
-
-def nan(completion, reference, **meta):
-    return math.nan
-
-def word(completion, reference, **meta):
-    return "good"
-
-def flaky(completion, reference, **meta):
-    CALLS[0] += 1
-    if CALLS[0] % 5 == 0:
-        raise ValueError("every fifth call fails")
-    return 1.0
-'''
 
 
 def quick_job(ws: Path, name: str, extra: dict) -> tuple[Path, Path]:
@@ -279,7 +256,7 @@ def quick_job(ws: Path, name: str, extra: dict) -> tuple[Path, Path]:
 
 def reward_faults(ws: Path) -> list[Row]:
     plugin = ws / "bad_rewards.py"
-    plugin.write_text(REWARDS)
+    plugin.write_text(kit.BAD_REWARDS)
     rows = []
     cases = [("raises", "error", {}), ("hangs", "error", {}), ("nan", "error", {}), ("word", "error", {}),
              ("flaky", "counted", {"on_error": "zero", "max_error_frac": 0.5, "num_workers": 0})]

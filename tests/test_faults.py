@@ -76,18 +76,6 @@ def test_a_corrupted_checkpoint_is_skipped_for_the_previous_one_and_the_run_cont
 
 # ---------------------------------------------------------------------- bad inputs: one named error, no hang
 
-BAD_REWARDS = """
-import math, time
-
-def hangs(completion, reference, **meta):
-    time.sleep(3600)
-
-def nan(completion, reference, **meta):
-    return math.nan
-
-def word(completion, reference, **meta):
-    return "good"
-"""
 
 
 def train_in_process(path: Path, capsys) -> tuple[int, list[str], str]:
@@ -103,7 +91,7 @@ def train_in_process(path: Path, capsys) -> tuple[int, list[str], str]:
 ])
 def test_a_bad_reward_ends_in_one_named_error(workspace, tmp_path, capsys, fn, why):
     plugin = tmp_path / "bad_rewards.py"
-    plugin.write_text(BAD_REWARDS)
+    plugin.write_text(kit.BAD_REWARDS)
     routes = {d: f"{plugin}:{fn}" for d in ("video", "retrieval", "tool", "reasoning")}
     path, _ = config(workspace, f"reward_{fn}", {"rewards": {"routes": routes, "num_workers": 1, "timeout_s": 1.0}},
                      steps=1)
