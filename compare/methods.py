@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,21 +212,35 @@ def choose_lr(cmp, name: str, spec: MethodSpec) -> float | None:
     score there wins (never the held-out sets). None without a sweep."""
     if not spec.lr_sweep:
         return None
-    seed, n = cmp.plan.seeds[0], spec.select_samples
+    seed = cmp.plan.seeds[0]
+
+    def trained(lr: float) -> tuple[str, Path]:
+        run_name, lr_spec = with_lr(name, spec, lr)
+        return f"s{seed}_{run_name}_train{spec.select_samples}", run_trained(cmp, run_name, lr_spec, seed).final
+
+    best, _ = pick_on_training_split(cmp, spec.select_samples, {lr: trained for lr in spec.lr_sweep}, "lr",
+                                     cmp.out / f"{name}_lr_selection.json", name)
+    return best
+
+
+def pick_on_training_split(cmp, n: int, candidates: dict[float, Callable[[float], tuple[str, Path]]], what: str,
+                           record: Path, name: str) -> tuple[float, dict]:
+    """The candidate value (a learning rate, a merge's lambda) whose model scores the best normalized score on `n`
+    training-split samples per domain (never the held-out sets); `candidates[value](value)` gives the model's
+    evaluation tag and folder. The choice and every score are written to `record`."""
     sel_student, sel_teacher = cmp.reference_scores("train", n)
     selection = [s for v in cmp.selection_samples(n).values() for s in v]
     scores: dict[float, float | None] = {}
-    for lr in spec.lr_sweep:
-        run_name, lr_spec = with_lr(name, spec, lr)
-        run = run_trained(cmp, run_name, lr_spec, seed)
-        rewards = cmp.evaluator()(f"s{seed}_{run_name}_train{n}", run.final, selection)
-        scores[lr] = normalized_score(one_benchmark(rewards), one_benchmark(sel_student),
-                                      one_benchmark(sel_teacher))[1]
+    for value, model in candidates.items():
+        tag, path = model(value)
+        rewards = cmp.evaluator()(tag, path, selection)
+        scores[value] = normalized_score(one_benchmark(rewards), one_benchmark(sel_student),
+                                         one_benchmark(sel_teacher))[1]
     best = _best(scores)
-    details = {"lr": best, "train_normalized": {f"{k:g}": v for k, v in scores.items()}, "select_samples": n}
-    (cmp.out / f"{name}_lr_selection.json").write_text(json.dumps(details, indent=2))
-    cmp.log(f"[compare] {name}: lr {best:g} (training-split normalized: {_fmt(scores)})")
-    return best
+    details = {what: best, "train_normalized": {f"{k:g}": v for k, v in scores.items()}, "select_samples": n}
+    record.write_text(json.dumps(details, indent=2))
+    cmp.log(f"[compare] {name}: {what} {best:g} (training-split normalized: {_fmt(scores)})")
+    return best, details
 
 
 def _best(scores: dict[float, float | None]) -> float:
@@ -277,16 +292,8 @@ def run_merge(cmp, name: str, spec: MethodSpec, student: dict[str, float], teach
         return MergeResult(None, note=f"n/a: {err}")
     # lambda is chosen on the training split only
     n = spec.select_samples
-    sel_student, sel_teacher = cmp.reference_scores("train", n)
-    selection = cmp.selection_samples(n)
-    scores = {}
-    for lam, path in candidates.items():
-        rewards = cmp.evaluator()(f"{name}_lambda{lam:g}_train{n}", path, [s for v in selection.values() for s in v])
-        scores[lam] = normalized_score(one_benchmark(rewards), one_benchmark(sel_student),
-                                       one_benchmark(sel_teacher))[1]
-    best = _best(scores)
-    details = {"lambda": best, "train_normalized": {f"{k:g}": v for k, v in scores.items()}, "select_samples": n}
-    (cmp.out / f"{name}_selection.json").write_text(json.dumps(details, indent=2))
-    cmp.log(f"[compare] {name}: lambda {best:g} (training-split normalized: {_fmt(scores)})")
+    best, details = pick_on_training_split(
+        cmp, n, {lam: lambda lam: (f"{name}_lambda{lam:g}_train{n}", candidates[lam]) for lam in candidates},
+        "lambda", cmp.out / f"{name}_selection.json", name)
     return MergeResult(cmp.evaluator()(f"{name}_lambda{best:g}", candidates[best], cmp.heldout_all()),
                        details=details)
