@@ -125,7 +125,8 @@ def video_prompt(tokenizer, layout, prompt_tokens: int, frame_tokens: int, seed:
 
 
 def step_rollouts(prompts: list[RenderedPrompt], group: int, answer: int, vocab: int, seed: int) -> Rollouts:
-    """G answers of exactly `answer` tokens per prompt, with pi_old = 0 and group-normalised advantages."""
+    """G answers of exactly `answer` tokens per prompt, with pi_old = 0 and group-normalised advantages. `vocab`:
+    answers draw from ids below it (the plain tokens: a vision placeholder in an answer would be a video token)."""
     from tasks.base import Sample
 
     gen = torch.Generator().manual_seed(seed)
@@ -291,6 +292,7 @@ def main() -> None:
         set_attention(teacher, attn)
         layout = vision_layout(worker.lm)
         vocab = len(worker.tokenizer)
+        plain = min(worker.tokenizer.all_special_ids + [vocab])  # answers draw from the ids below the specials
         n_params = sum(p.numel() for p in worker.lm.parameters())
         say(f"device {device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), attention {attn}, "
             f"student {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers, {args.experts} "
@@ -301,7 +303,7 @@ def main() -> None:
             prompts = [video_prompt(worker.tokenizer, layout, prompt_len, args.frame_tokens, seed=i)
                        for i in range(args.groups)]
             for answer in args.answers:
-                rollouts = step_rollouts(prompts, args.group, answer, vocab, seed=prompt_len + answer)
+                rollouts = step_rollouts(prompts, args.group, answer, plain, seed=prompt_len + answer)
                 if "update" in args.phases:  # on-policy ratios: pi_old from the worker itself
                     worker.cfg.trainer.packing = "shared_prompt"
                     pi = worker.logprobs(rollouts)

@@ -160,13 +160,35 @@ def policy_steps(args, cfg, device, rollouts) -> tuple[tuple[float, float], tupl
         for _ in worker.weight_buckets(512):
             pass
 
-    return timed(update, device, args.repeats), timed(whole, device, args.repeats)
+    results = timed(update, device, args.repeats), timed(whole, device, args.repeats)
+    if args.profile and device.type == "cuda":
+        profile_update(update, args.profile)
+    return results
+
+
+def profile_update(update, path: str) -> None:
+    """One update under torch.profiler: the kernels that take the GPU time, written to `path`, first lines printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        update()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    with open(path, "a") as f:
+        f.write(table + "\n")
+    print("\n".join(table.splitlines()[:25]), flush=True)
 
 
 def free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def report(row, args, device) -> None:
+    """One row as soon as it is measured (a run cut short still leaves what it measured)."""
+    length, label, t, peak, flops = row
+    print(f"  {length} tokens, {label}: {t:.3f} s, {length / t:,.0f} tokens/s, peak {peak:.2f} GiB", flush=True)
 
 
 def main() -> int:
@@ -178,6 +200,7 @@ def main() -> int:
     parser.add_argument("--peak", type=float, default=790e12, help="dense bf16 FLOP/s of the device")
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--profile", default="", help="append a profiler table of one update per length to this file")
     args = parser.parse_args()
     shape = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, active=8, moe_intermediate=768,
                  vocab=151936)
@@ -202,10 +225,13 @@ def main() -> int:
                 except torch.OutOfMemoryError:
                     t, peak = float("nan"), float("nan")
                 rows.append((length, "reference (HF + full log-softmax)", t, peak, flops))
+                report(rows[-1], args, device)
                 free(device)
             (t, peak), (t_all, peak_all) = policy_steps(args, cfg, device, rollouts)
             rows.append((length, "ours: update", t, peak, flops))
             rows.append((length, "ours: pi_old + update + weight sync", t_all, peak_all, flops * 4 / 3))
+            for row in rows[-2:]:
+                report(row, args, device)
             free(device)
     print(f"\ndevice: {name}; student: {args.layers} layers of hidden {args.hidden}, {args.heads}/{args.kv_heads} "
           f"heads of {args.head_dim}, {args.experts} experts ({args.active} active) x {args.moe_intermediate}, vocab "

@@ -147,7 +147,9 @@ class SharedPromptBatch:
             return allowed(q, k, s[q], s[k], b[q], b[k])
 
         n = self.num_tokens
-        return create_block_mask(mask_mod, B=1, H=None, Q_LEN=n, KV_LEN=n, device=self.input_ids.device)
+        # compiled, the mask is evaluated block by block; eager, it is materialised whole ([L, L]: 36 GiB at 70K)
+        return create_block_mask(mask_mod, B=1, H=None, Q_LEN=n, KV_LEN=n, device=self.input_ids.device,
+                                 _compile=True)
 
     def attention_mask(self, model: nn.Module) -> Any:
         """The mask in the form `model`'s attention implementation takes (see the module docstring)."""

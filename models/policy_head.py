@@ -56,6 +56,10 @@ class LogprobModel(nn.Module):
         super().__init__()
         self.lm = lm
         self.dsa_stage = dsa_stage
+        if dsa_stage != "none":  # for the model's whole life: a checkpointed layer recomputes in the same stage
+            from models.dsa.training import set_loss_mode
+
+            set_loss_mode(lm, dsa_stage)
 
     def forward(self, batch: PackedBatch | SharedPromptBatch, ids: torch.Tensor, topk: int = 0,
                 entropy_grad: bool = False, chunk_rows: int | None = None) -> ResponseLogprobs:
@@ -65,9 +69,9 @@ class LogprobModel(nn.Module):
         base = causal_lm(self.lm)
         capture = nullcontext(None)
         if self.dsa_stage != "none":
-            from models.dsa.training import capture_indexer_loss
+            from models.dsa.training import collect_indexer_loss
 
-            capture = capture_indexer_loss(self.lm, self.dsa_stage)
+            capture = collect_indexer_loss(self.lm, self.dsa_stage)
         with capture as indexer:
             hidden = base.model(**batch.model_inputs(base), use_cache=False).last_hidden_state  # [B or 1, L, H]
         b, t_len = batch.response_mask.shape

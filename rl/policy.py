@@ -365,16 +365,25 @@ class PolicyWorker:
 
         bucket: dict[str, torch.Tensor] = {}
         size = 0.0
+        cuda = self.device.type == "cuda"
         for name, tensor in merged_state_items(self.lm):
             full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             if self.rank != 0:
                 continue
-            bucket[name] = full.detach().to("cpu")  # a CPU tensor is not copied: the engines copy it in
+            if full.device.type == "cpu":
+                bucket[name] = full.detach()  # a CPU tensor is not copied: the engines copy it in
+            else:  # into pinned host memory, asynchronously (pageable copies ran at 1.6 GB/s on an H100)
+                host = torch.empty(full.shape, dtype=full.dtype, pin_memory=True)
+                bucket[name] = host.copy_(full.detach(), non_blocking=True)
             size += full.numel() * full.element_size() / 2**20
             if size >= max_mb:
+                if cuda:
+                    torch.cuda.current_stream(self.device).synchronize()  # the bucket's copies have landed
                 yield bucket
                 bucket, size = {}, 0.0
         if bucket and self.rank == 0:
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
             yield bucket
 
     def drain(self, method: str, *args: Any) -> None:

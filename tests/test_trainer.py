@@ -114,17 +114,20 @@ def test_lora_updates_only_adapted_projections_and_saves_merged_weights(workspac
     assert (trainer.run_dir / "final" / "adapter" / "adapter_config.json").exists()
 
 
-@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
-def test_dsa_indexer_stages_train_what_they_should(workspace, stage):
-    """Warm-up moves only the indexers; the sparse stage moves indexers and language model; vision never."""
-    trainer = run(job(workspace, f"dsa_{stage}", {
+@pytest.mark.parametrize("stage,checkpointing", [("dense_warmup", "off"), ("sparse", "off"), ("dense_warmup", "on"),
+                                                   ("sparse", "on")])
+def test_dsa_indexer_stages_train_what_they_should(workspace, stage, checkpointing):
+    """Warm-up moves only the indexers; the sparse stage moves indexers and language model; vision never. With
+    activation checkpointing (on by default on GPU) the recomputed forward runs in the same stage as the first."""
+    trainer = run(job(workspace, f"dsa_{stage}_{checkpointing}", {
         "model": {"path": str(workspace / "student"), "tokenizer": "model",
                   "dsa": {"enabled": True, "topk": 8, "index_heads": 2, "index_head_dim": 16, "stage": stage}},
         # supervised on demonstrations, so the language model always has a gradient in the sparse stage
         "teachers": [], "rollout": {"backend": "reference", "num_workers": 0, "group_size": 1},
         "algorithm": {"advantage": "sft", "policy_loss": "nll", "mismatch": "none"},
         "optim": {"lr": 1e-2},
-        "trainer": {"steps": 2, "eval_teachers": False, "eval_at_start": False, "checkpoint_every": 0},
+        "trainer": {"steps": 2, "eval_teachers": False, "eval_at_start": False, "checkpoint_every": 0,
+                    "activation_checkpointing": checkpointing},
     }))
     records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["dsa/indexer_kl"] > 0 for r in records)

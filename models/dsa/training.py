@@ -111,6 +111,23 @@ def capture_indexer_loss(model: nn.Module, mode: str):
             m.dsa_last_metrics = {}
 
 
+@contextmanager
+def collect_indexer_loss(model: nn.Module, mode: str):
+    """Collect the indexer KL of one forward of a model whose layers stay in stage `mode` (`set_loss_mode` once,
+    for the model's training life). The stage must outlive the forward: activation checkpointing recomputes each
+    layer's forward during backward, outside any context, and a recompute in another stage saves other tensors."""
+    mods = dsa_attention_modules(model)
+    if not mods or any(m.dsa_loss_mode != mode for m in mods):
+        raise RuntimeError(f"collect_indexer_loss: the DSA layers are not in stage {mode!r} (call set_loss_mode)")
+    for m in mods:
+        m.dsa_last_loss, m.dsa_last_metrics = None, {}
+    capture = IndexerLossCapture(mods, mode)
+    yield capture
+    capture.collect()
+    for m in mods:  # the captured loss keeps its graph; the layers keep no reference to it
+        m.dsa_last_loss, m.dsa_last_metrics = None, {}
+
+
 def indexer_kl_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     mode: str = "dense_warmup", return_outputs: bool = False, **forward_kwargs):
     """Run one forward in the given stage and return the indexer KL averaged over layers.
