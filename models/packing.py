@@ -61,6 +61,29 @@ def shared_prompt_groups(prompts: Sequence[RenderedPrompt], keys: Sequence[Any])
     return groups
 
 
+ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "eager")
+
+
+def resolve_attention(choice: str, device: torch.device | str, packed: bool, dsa: bool = False) -> str | None:
+    """The attention implementation to set on a model (None: keep the model's own, sdpa by default). 'auto' is
+    flex_attention for shared-prompt packed forwards on CUDA without DSA: its BlockMask skips the blocks a response
+    may not see, where sdpa would get a dense `[L, L]` mask (4 GiB of bools at a 64K-token packed row)."""
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention {choice!r} is not one of {', '.join(ATTENTION_CHOICES)}")
+    if choice != "auto":
+        return choice
+    return "flex_attention" if packed and not dsa and torch.device(device).type == "cuda" else None
+
+
+def set_attention(model: nn.Module, impl: str | None) -> None:
+    """Switch `model`'s language model (and any vision tower under it) to attention implementation `impl`."""
+    if impl is None:
+        return
+    from models.policy_head import causal_lm
+
+    causal_lm(model).set_attn_implementation(impl)
+
+
 def packed_tokens(prompt_len: int, response_lens: Sequence[int]) -> int:
     """Tokens of one group in a packed row: its prompt once plus every response."""
     return prompt_len + sum(response_lens)

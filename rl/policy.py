@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from models.batching import pack
-from models.packing import budget_batches, pack_shared
+from models.dsa import is_dsa_model
+from models.packing import budget_batches, pack_shared, resolve_attention, set_attention
 from models.policy_head import LogprobModel, ResponseLogprobs, decoder_layers
 from rl.algorithms import aggregate_token_loss, get_logit_loss, get_policy_loss, k3_kl, loss_units, masked_mean
 from rl.microbatch import micro_batches, partition_by_tokens, resolve_packing, shared_prompt_units
@@ -89,6 +90,7 @@ class PolicyWorker:
         else:
             lm = build_student(cfg, self.tokenizer, device=init_device)[0]
         self.lm = lm
+        set_attention(lm, resolve_attention(cfg.model.attention, self.device, self._shared_prompt(), is_dsa_model(lm)))
         self.mixed = mixed_precision(cfg.trainer.precision, self.device)
         if activation_checkpointing(cfg.trainer.activation_checkpointing, self.device):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from models.batching import logsumexp, pack, response_logits, response_tokens
-from models.packing import budget_batches, pack_shared, packed_response_logits, packed_tokens, shared_prompt_groups
+from models.dsa import is_dsa_model
+from models.packing import (budget_batches, pack_shared, packed_response_logits, packed_tokens, resolve_attention,
+                            set_attention, shared_prompt_groups)
 from models.chat import ChatRenderer, RenderedPrompt
 from models.factory import inference_dtype, load_model, load_tokenizer, vision_layout
 from tasks.base import Sample
@@ -38,9 +40,10 @@ class HFTeacher:
         dtype: str = "float32",
         packing: str = "shared_prompt",
         batch_tokens: int = 16384,
+        attention: str = "auto",
     ):
         """`dtype`: the precision the teacher is served in (`teachers[].engine_args.dtype`, e.g. "bfloat16");
-        `packing`, `batch_tokens`: `teachers[].engine_args` too (`teachers.options.HFTeacherOptions`)."""
+        `packing`, `batch_tokens`, `attention`: `teachers[].engine_args` too (`teachers.options.HFTeacherOptions`)."""
         self.name = name
         self.view = view
         self.topk = topk
@@ -50,6 +53,8 @@ class HFTeacher:
         self.batch_tokens = batch_tokens
         weights = inference_dtype(dtype, f"teachers[{name}].engine_args.dtype")
         self.model = load_model(path, dtype=weights).to(device).eval()
+        set_attention(self.model, resolve_attention(attention, device, packing == "shared_prompt",
+                                                    dsa=is_dsa_model(self.model)))
         self.tokenizer = load_tokenizer(path)
         self.renderer = ChatRenderer(self.tokenizer, vision_layout(self.model), template_kwargs)
 

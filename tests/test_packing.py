@@ -400,3 +400,36 @@ def test_embedded_rl_configs_pack_by_default():
     assert resolve_packing(cfg) == "none"
     cfg, _ = load_config(root / "mopd_tiny.yaml")  # one response per prompt: nothing to share, the padded path
     assert cfg.rollout.group_size == 1 and resolve_packing(cfg) == "none"
+
+
+def test_attention_choice_auto_is_flex_only_for_packed_cuda_forwards():
+    from models.packing import resolve_attention
+
+    assert resolve_attention("auto", "cuda", packed=True) == "flex_attention"
+    assert resolve_attention("auto", torch.device("cuda", 1), packed=True) == "flex_attention"
+    assert resolve_attention("auto", "cpu", packed=True) is None  # CPU: the dense mask through sdpa
+    assert resolve_attention("auto", "cuda", packed=False) is None  # padded rows: the model's causal sdpa
+    assert resolve_attention("auto", "cuda", packed=True, dsa=True) is None  # DSA reads the dense mask
+    assert resolve_attention("eager", "cpu", packed=False) == "eager"
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_attention("flash", "cuda", packed=True)
+
+
+def test_model_attention_key_sets_the_students_and_teachers_attention(workspace):
+    """`model.attention` reaches the policy worker's student, `engine_args.attention` the HF teacher; eager
+    attention over the packed 4-D mask gives sdpa's log-probs."""
+    from teachers.hf_teacher import HFTeacher
+
+    alg = {"advantage": "gspo", "policy_loss": "gspo"}
+    sdpa = _worker(workspace, "attn_sdpa", workspace / "student", alg, "shared_prompt", micro_batch_tokens=120)
+    eager = _worker(workspace, "attn_eager", workspace / "student", alg, "shared_prompt", micro_batch_tokens=120)
+    eager.cfg.model.attention = "eager"
+    from rl.policy import PolicyWorker
+
+    eager = PolicyWorker(eager.cfg)
+    assert eager.lm.config.get_text_config()._attn_implementation == "eager"
+    assert sdpa.lm.config.get_text_config()._attn_implementation == "sdpa"
+    rollouts = _policy_rollouts(sdpa, {})
+    torch.testing.assert_close(_pi_old(eager, rollouts)[0], _pi_old(sdpa, rollouts)[0], rtol=0, atol=LOGPROB_ATOL)
+    teacher = HFTeacher("t", str(workspace / "teacher_vl"), attention="eager")
+    assert teacher.model.config.get_text_config()._attn_implementation == "eager"
