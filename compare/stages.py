@@ -12,7 +12,7 @@ import yaml
 
 from rl.config import JobConfig, load_config
 from rl.config_loader import ConfigError, deep_merge
-from rl.run_dir import config_changes, flatten
+from rl.run_dir import config_changes, flatten, saved_config
 
 # Keys `config_changes` lets a resumed run change, but that change what a finished stage is.
 _OUTCOME_KEYS = ("trainer.steps",)
@@ -40,7 +40,7 @@ def stage_changes(run_dir: Path, resolved: dict[str, Any]) -> list[str]:
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return []
-    old = yaml.safe_load(saved.read_text()) or {}
+    old = saved_config(saved)
     changed = config_changes(old, resolved)
     a, b = flatten(old), flatten(resolved)
     return changed + [k for k in _OUTCOME_KEYS if a.get(k) != b.get(k) and k not in changed]

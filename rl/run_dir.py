@@ -55,6 +55,18 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return [k for k in changed if not any(fnmatch(k, p) for p in allowed)]
 
 
+def saved_config(path: Path) -> dict:
+    """A run folder's recorded config as this version resolves it: keys added to the toolkit since the run was
+    written take their defaults, so a run is not 'changed' by a key it could not have had. A record this version
+    no longer loads is compared as it was written."""
+    from rl.config import load_config
+
+    try:
+        return load_config(path)[1]
+    except Exception:  # noqa: BLE001  (an old or hand-edited record: the raw keys still say what changed)
+        return yaml.safe_load(Path(path).read_text()) or {}
+
+
 def holds_a_run(run_dir: Path) -> bool:
     return (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()) or (
         (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size > 0)
@@ -70,7 +82,7 @@ def claim_run_dir(run_dir: Path, resolved: dict, resume: bool, allow_change: boo
                 f"{run_dir} already holds a run and run.resume is false: pick another run.name (or run.dir), or "
                 "delete the folder to start over; a fresh run never writes into another run's folder")
         if saved.exists() and not allow_change:
-            changed = config_changes(yaml.safe_load(saved.read_text()) or {}, resolved)
+            changed = config_changes(saved_config(saved), resolved)
             if changed:
                 shown = ", ".join(changed[:8]) + (f" (+{len(changed) - 8} more)" if len(changed) > 8 else "")
                 raise RunFolderError(

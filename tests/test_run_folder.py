@@ -38,6 +38,22 @@ def test_resuming_under_another_config_is_refused_unless_allowed(workspace):
     assert steps_logged(resumed.run_dir) == [1, 2, 3, 4]
 
 
+def test_a_key_added_since_the_run_was_recorded_is_not_a_change(workspace):
+    """A run recorded by an older version lacks keys added since; at their defaults they change nothing (a
+    resume goes on), set to anything else they are a change like any other."""
+    import yaml
+
+    first = run(job(workspace, "older", FAST, ["trainer.steps=2"]))
+    saved = first.run_dir / "config.yaml"
+    record = yaml.safe_load(saved.read_text())
+    del record["model"]["attention"], record["trainer"]["packing"]  # what a run of an earlier version wrote
+    saved.write_text(yaml.safe_dump(record, sort_keys=False))
+    with pytest.raises(RunFolderError, match=r"model.attention"):
+        run(job(workspace, "older", FAST, ["model.attention=eager"]))
+    resumed = run(job(workspace, "older", FAST))
+    assert steps_logged(resumed.run_dir) == [1, 2, 3, 4]
+
+
 def test_a_resumed_run_keeps_one_record_per_step(workspace):
     """Steps 3-4 ran, but the run was cut before their checkpoint: the resumed run repeats them, once."""
     first = run(job(workspace, "repeat", FAST, ["trainer.checkpoint_every=2"]))
