@@ -17,20 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from bench_logprobs import time_ms  # CUDA-event median ms (bench/ is on sys.path when a script there runs)
 
 
 def tensor(heads: int, args, transposed: bool) -> torch.Tensor:
@@ -54,8 +41,8 @@ def measure(backend: str, native: bool, transposed: bool, args) -> tuple:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=native)
 
     try:
-        fwd = median_ms(forward, args.reps)
-        both = median_ms(lambda: forward().backward(grad), args.reps)
+        fwd = time_ms(forward, torch.device("cuda"), 2, args.reps)
+        both = time_ms(lambda: forward().backward(grad), torch.device("cuda"), 2, args.reps)
     except RuntimeError as err:
         return backend, native, transposed, "failed: " + str(err).splitlines()[0][:60], "", "", ""
     return (backend, native, transposed, f"{fwd:.1f}", f"{flops / fwd / 1e9:.0f}", f"{both:.1f}",
