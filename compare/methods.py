@@ -201,8 +201,9 @@ def _offpolicy_ft(cmp, name: str, spec: MethodSpec, seed: int) -> MethodRun:
 
 
 def with_lr(name: str, spec: MethodSpec, lr: float | None) -> tuple[str, MethodSpec]:
-    """The method's run name and spec at learning rate `lr` (None: as the plan says)."""
-    if lr is None:
+    """The method's run name and spec at learning rate `lr` (None, or the rate its own `job.optim.lr` names: its
+    plain run, so a sweep that includes the plan's rate reuses that run and the seeds' runs share its name)."""
+    if lr is None or (spec.job.get("optim") or {}).get("lr") == lr:
         return name, spec
     return f"{name}_lr{lr:g}", dataclasses.replace(spec, job=deep_merge(spec.job, {"optim": {"lr": lr}}))
 

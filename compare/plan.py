@@ -77,9 +77,10 @@ class MethodSpec:
     keep_truncated: bool = option("offpolicy_ft: also keep answers cut off at max_new_tokens (toy smoke runs of "
                                   "untrained models; a real comparison keeps finished answers only).", default=False)
     lr_sweep: list[float] = option(
-        "Trained methods: learning rates tried (full-budget runs of the first seed, as `<method>_lr<lr>`), scored on "
-        "the training split (`select_samples` per domain); the best normalized score there is used for every seed. "
-        "Empty: the job's own optim.lr.", default_factory=list, gt=0)
+        "Trained methods: learning rates tried (full-budget runs of the first seed, as `<method>_lr<lr>`; the rate "
+        "that the method's `job.optim.lr` names is its plain `<method>` run), scored on the training split "
+        "(`select_samples` per domain); the best normalized score there is used for every seed. Empty: the job's "
+        "own optim.lr.", default_factory=list, gt=0)
     lambdas: list[float] = option("merge_task_arithmetic: the lambdas tried; the one with the best normalized "
                                   "score on the training split is reported.",
                                   default_factory=lambda: [0.3, 0.5, 0.7, 1.0])

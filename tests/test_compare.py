@@ -191,3 +191,17 @@ def test_shipped_plans_load():
     assert Path(plan.methods["mopd"].job["base"][0]).is_file()
     cross = load_plan("configs/compare_crossmodal_tiny.yaml")
     assert cross.student.source() == "config" and cross.domains["tool"].teacher.source() == "config"
+
+
+def test_a_swept_rate_equal_to_the_methods_own_is_its_plain_run():
+    """A sweep that includes the plan's own rate reuses the method's plain run (and the seeds' runs, named the
+    same); another rate gets its own run at that rate."""
+    from compare.methods import with_lr
+    from compare.plan import MethodSpec
+
+    spec = MethodSpec(kind="mix_rl", job={"optim": {"lr": 1e-3, "warmup_steps": 5}})
+    assert with_lr("mix_rl", spec, 1e-3) == ("mix_rl", spec)
+    assert with_lr("mix_rl", spec, None) == ("mix_rl", spec)
+    name, other = with_lr("mix_rl", spec, 1e-2)
+    assert name == "mix_rl_lr0.01" and other.job["optim"] == {"lr": 1e-2, "warmup_steps": 5}
+    assert spec.job["optim"]["lr"] == 1e-3  # the plan's spec is not changed
