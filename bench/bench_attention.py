@@ -6,8 +6,10 @@ CUDA-event ms and TFLOP/s of causal attention (forward 2 L^2 H D; backward count
     python bench/bench_attention.py                     # one GPU: L = 32768, 32 query / 4 K/V heads of 128
     python bench/bench_attention.py --length 16384
 
-Why: at 32K tokens the policy's update spends 63% of its GPU time in cuDNN attention at ~150 TFLOP/s
+Why: at 32K tokens the policy's update spent 63% of its GPU time in cuDNN attention at ~150 TFLOP/s
 (bench_train_step.py --profile), where bench_dsa.py measured the same kernels at ~577 TFLOP/s with expanded K/V.
+Answer (H100, bench/README.md): native GQA and expanded K/V run alike (~560 TFLOP/s fwd+bwd through cuDNN); the
+slow calls were given a dense `[L, L]` causal mask instead of `is_causal`. Hence `models/attention.py`.
 """
 
 from __future__ import annotations

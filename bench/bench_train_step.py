@@ -170,12 +170,13 @@ def profile_update(update, path: str) -> None:
     """One update under torch.profiler: the kernels that take the GPU time, written to `path`, first lines printed."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         update()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    by_source = prof.key_averages(group_by_stack_n=8).table(sort_by="self_cuda_time_total", row_limit=25)
     with open(path, "a") as f:
-        f.write(table + "\n")
+        f.write(table + "\n" + by_source + "\n")
     print("\n".join(table.splitlines()[:25]), flush=True)
 
 
@@ -200,6 +201,8 @@ def main() -> int:
     parser.add_argument("--peak", type=float, default=790e12, help="dense bf16 FLOP/s of the device")
     parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--attention", nargs="+", default=["auto"],
+                        help="model.attention values to run the policy rows with (one pair of rows each)")
     parser.add_argument("--profile", default="", help="append a profiler table of one update per length to this file")
     args = parser.parse_args()
     shape = dict(hidden=2048, heads=32, kv_heads=4, head_dim=128, experts=128, active=8, moe_intermediate=768,
@@ -227,12 +230,15 @@ def main() -> int:
                 rows.append((length, "reference (HF + full log-softmax)", t, peak, flops))
                 report(rows[-1], args, device)
                 free(device)
-            (t, peak), (t_all, peak_all) = policy_steps(args, cfg, device, rollouts)
-            rows.append((length, "ours: update", t, peak, flops))
-            rows.append((length, "ours: pi_old + update + weight sync", t_all, peak_all, flops * 4 / 3))
-            for row in rows[-2:]:
-                report(row, args, device)
-            free(device)
+            for attention in args.attention:
+                cfg.model.attention = attention
+                tag = "" if args.attention == ["auto"] else f" [{attention}]"
+                (t, peak), (t_all, peak_all) = policy_steps(args, cfg, device, rollouts)
+                rows.append((length, f"ours{tag}: update", t, peak, flops))
+                rows.append((length, f"ours{tag}: pi_old + update + weight sync", t_all, peak_all, flops * 4 / 3))
+                for row in rows[-2:]:
+                    report(row, args, device)
+                free(device)
     print(f"\ndevice: {name}; student: {args.layers} layers of hidden {args.hidden}, {args.heads}/{args.kv_heads} "
           f"heads of {args.head_dim}, {args.experts} experts ({args.active} active) x {args.moe_intermediate}, vocab "
           f"{args.vocab}; bf16 mixed precision over fp32 master weights on CUDA")

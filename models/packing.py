@@ -13,7 +13,7 @@ backward over 16K + 8 x 64 tokens instead of 8 x 16.1K.
 
 The attention structure travels as two per-token id vectors (`segment_ids`: which group; `branch_ids`: 0 for a
 prompt token, r + 1 for a token of response row r) and becomes, per the model's attention implementation, a
-FlexAttention `BlockMask` (CUDA, no DSA), a boolean `[1, 1, L, L]` mask (sdpa; DSA layers, whose reference path
+FlexAttention `BlockMask` (CUDA, no DSA; none at all for a row that is one causal sequence under `sdpa_flex`), a boolean `[1, 1, L, L]` mask (sdpa; DSA layers, whose reference path
 reads the dense mask) or an additive float one (eager, which adds it to the scores). transformers 5.19 passes any 4-D mask through unchanged.
 """
 
@@ -61,25 +61,31 @@ def shared_prompt_groups(prompts: Sequence[RenderedPrompt], keys: Sequence[Any])
     return groups
 
 
-ATTENTION_CHOICES = ("auto", "sdpa", "flex_attention", "eager")
+ATTENTION_CHOICES = ("auto", "sdpa", "sdpa_flex", "flex_attention", "eager")
 
 
 def resolve_attention(choice: str, device: torch.device | str, packed: bool, dsa: bool = False) -> str | None:
     """The attention implementation to set on a model (None: keep the model's own, sdpa by default). 'auto' is
-    flex_attention for shared-prompt packed forwards on CUDA without DSA: its BlockMask skips the blocks a response
-    may not see, where sdpa would get a dense `[L, L]` mask (4 GiB of bools at a 64K-token packed row)."""
+    sdpa_flex (`models/attention.py`) for shared-prompt packed forwards on CUDA without DSA: a row of several
+    responses gets a FlexAttention BlockMask that skips the blocks a response may not see, where sdpa would get a
+    dense `[L, L]` mask (4 GiB of bools at a 64K-token packed row); a row that is one causal sequence gets
+    cuDNN's causal kernel."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention {choice!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if choice != "auto":
         return choice
-    return "flex_attention" if packed and not dsa and torch.device(device).type == "cuda" else None
+    return "sdpa_flex" if packed and not dsa and torch.device(device).type == "cuda" else None
 
 
 def set_attention(model: nn.Module, impl: str | None) -> None:
     """Switch `model`'s language model (and any vision tower under it) to attention implementation `impl`."""
     if impl is None:
         return
+    from models.attention import SDPA_FLEX, register
     from models.policy_head import causal_lm
+
+    if impl == SDPA_FLEX:
+        register()
 
     causal_lm(model).set_attn_implementation(impl)
 
@@ -148,6 +154,11 @@ class SharedPromptBatch:
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
 
+    @property
+    def is_one_sequence(self) -> bool:
+        """One group with at most one response: the mask is plain causal attention over the row."""
+        return len(self.spans) == 1 and len(self.spans[0].response_lens) <= 1
+
     def to(self, device: torch.device | str) -> SharedPromptBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return SharedPromptBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
@@ -184,7 +195,9 @@ class SharedPromptBatch:
             raise ValueError(f"shared-prompt packing needs sdpa, eager or flex_attention, not {impl} "
                              "(set trainer.packing: none)")
         has_dsa = any(hasattr(m, "dsa_config") for m in lm.modules())
-        if impl == "flex_attention" and self.input_ids.is_cuda and not has_dsa:
+        if impl in ("flex_attention", "sdpa_flex") and self.input_ids.is_cuda and not has_dsa:
+            if impl == "sdpa_flex" and self.is_one_sequence:
+                return None  # plain causal: sdpa's is_causal kernel (see models/attention.py)
             return self.block_mask()
         mask = self.dense_mask()
         if impl == "eager":  # eager (DSA's dense path too) adds the mask to the scores

@@ -120,10 +120,11 @@ class ModelConfig:
     lora: LoraConfig = _help("LoRA on the language model.", default_factory=LoraConfig)
     dsa: DSAModelConfig = _help("DeepSeek Sparse Attention on the language model.", default_factory=DSAModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Training dtype of the student.", default="float32")
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = _help(
-        "Attention implementation of the student in training. 'auto': flex_attention where shared-prompt packed "
-        "micro-batches run on CUDA (a block-sparse mask instead of a dense [L, L] one), else the model's own "
-        "(sdpa). DSA layers run their own sparse attention whatever this says.", default="auto")
+    attention: Literal["auto", "sdpa", "sdpa_flex", "flex_attention", "eager"] = _help(
+        "Attention implementation of the student in training. 'auto': sdpa_flex where shared-prompt packed "
+        "micro-batches run on CUDA (a row of several responses through flex_attention's block-sparse mask instead "
+        "of a dense [L, L] one, a row of one sequence through sdpa's causal kernel), else the model's own (sdpa). "
+        "DSA layers run their own sparse attention whatever this says.", default="auto")
     template_kwargs: dict[str, Any] = _help(
         "Extra chat-template arguments, e.g. {enable_thinking: false} for Qwen3 (variables the template reads; "
         "`check` refuses others when the tokenizer is at hand).", default_factory=dict

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from models.batching import pack
 from models.dsa import is_dsa_model
+from models.moe_experts import use_permute_experts
 from models.packing import budget_batches, pack_shared, resolve_attention, set_attention
 from models.policy_head import LogprobModel, ResponseLogprobs, decoder_layers
 from rl.algorithms import aggregate_token_loss, get_logit_loss, get_policy_loss, k3_kl, loss_units, masked_mean
@@ -91,6 +92,7 @@ class PolicyWorker:
             lm = build_student(cfg, self.tokenizer, device=init_device)[0]
         self.lm = lm
         set_attention(lm, resolve_attention(cfg.model.attention, self.device, self._shared_prompt(), is_dsa_model(lm)))
+        use_permute_experts(lm)  # MoE token permutations' backward as gathers, not scatter-adds
         self.mixed = mixed_precision(cfg.trainer.precision, self.device)
         if activation_checkpointing(cfg.trainer.activation_checkpointing, self.device):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -84,6 +84,10 @@ def test_mask_is_prompt_plus_own_response():
     q, k = torch.tensor(4), torch.tensor(5)
     s, br = batch.segment_ids, batch.branch_ids
     assert not bool(allowed(k, q, s[k], s[q], br[k], br[q]))  # r1 does not see r0
+    # a row of one prompt and one response is plain causal attention (sdpa_flex sends it to sdpa's causal kernel)
+    assert not batch.is_one_sequence
+    single = pack_shared([a], [[10, 11]], keys=[0])
+    assert single.is_one_sequence and torch.equal(single.dense_mask()[0, 0], torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 def test_groups_need_the_same_key_and_an_identical_prompt():
@@ -402,11 +406,11 @@ def test_embedded_rl_configs_pack_by_default():
     assert cfg.rollout.group_size == 1 and resolve_packing(cfg) == "none"
 
 
-def test_attention_choice_auto_is_flex_only_for_packed_cuda_forwards():
+def test_attention_choice_auto_is_sdpa_flex_only_for_packed_cuda_forwards():
     from models.packing import resolve_attention
 
-    assert resolve_attention("auto", "cuda", packed=True) == "flex_attention"
-    assert resolve_attention("auto", torch.device("cuda", 1), packed=True) == "flex_attention"
+    assert resolve_attention("auto", "cuda", packed=True) == "sdpa_flex"
+    assert resolve_attention("auto", torch.device("cuda", 1), packed=True) == "sdpa_flex"
     assert resolve_attention("auto", "cpu", packed=True) is None  # CPU: the dense mask through sdpa
     assert resolve_attention("auto", "cuda", packed=False) is None  # padded rows: the model's causal sdpa
     assert resolve_attention("auto", "cuda", packed=True, dsa=True) is None  # DSA reads the dense mask
