@@ -28,6 +28,12 @@ def _train(args: argparse.Namespace) -> int:
 
         if not check_config(cfg, require_files=True)[0]:  # rank 0 reports the problems and stops the job
             serve_policy_rank(cfg, *init_torchrun_group(cfg))
+            # Done, group closed, nothing left to write. Skip interpreter finalization: a gloo worker thread that
+            # outlives the group can abort the process there ("terminate called without an active exception",
+            # SIGABRT after a finished run: seen in a few percent of 2-rank CPU runs here; pytorch/pytorch#179291).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     problems, _ = check_config(cfg, require_files=True)
     if problems:  # what `check` would report stops the run before any model, actor or data is loaded
