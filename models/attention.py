@@ -14,9 +14,17 @@ Registered under its own name in transformers' attention and mask interfaces; 2-
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
+
+if TYPE_CHECKING:  # the config modules import the choices below without importing torch
+    import torch
 
 SDPA_FLEX = "sdpa_flex"
+
+# What `model.attention` and the HF teachers' `engine_args.attention` accept ('auto': see
+# `models.packing.resolve_attention`); the rest are transformers' implementation names.
+AttentionChoice = Literal["auto", "sdpa", "sdpa_flex", "flex_attention", "eager"]
+ATTENTION_CHOICES: tuple[str, ...] = get_args(AttentionChoice)
 
 
 def sdpa_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

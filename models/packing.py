@@ -13,8 +13,9 @@ backward over 16K + 8 x 64 tokens instead of 8 x 16.1K.
 
 The attention structure travels as two per-token id vectors (`segment_ids`: which group; `branch_ids`: 0 for a
 prompt token, r + 1 for a token of response row r) and becomes, per the model's attention implementation, a
-FlexAttention `BlockMask` (CUDA, no DSA; none at all for a row that is one causal sequence under `sdpa_flex`), a boolean `[1, 1, L, L]` mask (sdpa; DSA layers, whose reference path
-reads the dense mask) or an additive float one (eager, which adds it to the scores). transformers 5.19 passes any 4-D mask through unchanged.
+FlexAttention `BlockMask` (CUDA, no DSA; no mask at all for a row that is one causal sequence under `sdpa_flex`), a
+boolean `[1, 1, L, L]` mask (sdpa; DSA layers, whose reference path reads the dense mask) or an additive float one
+(eager, which adds it to the scores). transformers 5.19 passes any 4-D mask through unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.attention import ATTENTION_CHOICES, SDPA_FLEX
 from models.chat import RenderedPrompt
 
 
@@ -61,9 +63,6 @@ def shared_prompt_groups(prompts: Sequence[RenderedPrompt], keys: Sequence[Any])
     return groups
 
 
-ATTENTION_CHOICES = ("auto", "sdpa", "sdpa_flex", "flex_attention", "eager")
-
-
 def resolve_attention(choice: str, device: torch.device | str, packed: bool, dsa: bool = False) -> str | None:
     """The attention implementation to set on a model (None: keep the model's own, sdpa by default). 'auto' is
     sdpa_flex (`models/attention.py`) for shared-prompt packed forwards on CUDA without DSA: a row of several
@@ -74,14 +73,14 @@ def resolve_attention(choice: str, device: torch.device | str, packed: bool, dsa
         raise ValueError(f"attention {choice!r} is not one of {', '.join(ATTENTION_CHOICES)}")
     if choice != "auto":
         return choice
-    return "sdpa_flex" if packed and not dsa and torch.device(device).type == "cuda" else None
+    return SDPA_FLEX if packed and not dsa and torch.device(device).type == "cuda" else None
 
 
 def set_attention(model: nn.Module, impl: str | None) -> None:
     """Switch `model`'s language model (and any vision tower under it) to attention implementation `impl`."""
     if impl is None:
         return
-    from models.attention import SDPA_FLEX, register
+    from models.attention import register
     from models.policy_head import causal_lm
 
     if impl == SDPA_FLEX:
@@ -192,11 +191,11 @@ class SharedPromptBatch:
         lm = causal_lm(model)
         impl = lm.config.get_text_config()._attn_implementation or "eager"
         if impl.startswith("flash_attention"):
-            raise ValueError(f"shared-prompt packing needs sdpa, eager or flex_attention, not {impl} "
+            raise ValueError(f"shared-prompt packing needs sdpa, sdpa_flex, eager or flex_attention, not {impl} "
                              "(set trainer.packing: none)")
         has_dsa = any(hasattr(m, "dsa_config") for m in lm.modules())
-        if impl in ("flex_attention", "sdpa_flex") and self.input_ids.is_cuda and not has_dsa:
-            if impl == "sdpa_flex" and self.is_one_sequence:
+        if impl in ("flex_attention", SDPA_FLEX) and self.input_ids.is_cuda and not has_dsa:
+            if impl == SDPA_FLEX and self.is_one_sequence:
                 return None  # plain causal: sdpa's is_causal kernel (see models/attention.py)
             return self.block_mask()
         mask = self.dense_mask()

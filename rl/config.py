@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.options import option as _help
+from models.attention import AttentionChoice
 from rl.config_loader import COMMAND_LINE, apply_overrides, build_dataclass, load_yaml_tree, to_dict
 
 
@@ -120,7 +121,7 @@ class ModelConfig:
     lora: LoraConfig = _help("LoRA on the language model.", default_factory=LoraConfig)
     dsa: DSAModelConfig = _help("DeepSeek Sparse Attention on the language model.", default_factory=DSAModelConfig)
     dtype: Literal["float32", "bfloat16", "float16"] = _help("Training dtype of the student.", default="float32")
-    attention: Literal["auto", "sdpa", "sdpa_flex", "flex_attention", "eager"] = _help(
+    attention: AttentionChoice = _help(
         "Attention implementation of the student in training. 'auto': sdpa_flex where shared-prompt packed "
         "micro-batches run on CUDA (a row of several responses through flex_attention's block-sparse mask instead "
         "of a dense [L, L] one, a row of one sequence through sdpa's causal kernel), else the model's own (sdpa). "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from core.options import option
+from models.attention import AttentionChoice
 
 
 @dataclass
@@ -28,7 +29,7 @@ class HFTeacherOptions:
         "shared_prompt: tokens per packed forward (each prompt once plus its responses; a sample's responses stay "
         "together, a group over the budget gets a forward of its own); batch_size still caps its rows.",
         default=16384, ge=1)
-    attention: Literal["auto", "sdpa", "sdpa_flex", "flex_attention", "eager"] = option(
+    attention: AttentionChoice = option(
         "Attention implementation. 'auto': sdpa_flex for shared_prompt packing on a CUDA device (flex_attention's "
         "block-sparse mask for a row of several responses instead of a dense [L, L] one, sdpa's causal kernel for "
         "a row of one sequence), else the model's own (sdpa).", default="auto")
