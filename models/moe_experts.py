@@ -1,12 +1,20 @@
-"""`grouped_mm_permute`: transformers' grouped-GEMM MoE experts with the token permutations' backward as gathers.
+"""`grouped_mm_permute`: transformers' grouped-GEMM MoE experts with the token permutations as gathers.
 
 transformers' `grouped_mm` experts sort the (token, expert) pairs by expert, gather `hidden[perm // k]`, run two
-grouped GEMMs, and gather the result back by the inverse permutation. Autograd turns each of those gathers into an
-`index_put_(accumulate=True)` in the backward: a sort-based scatter-add over `[N * k, H]` rows. At 32K tokens with
-8 of 128 experts active (hidden 2048), they took 190 ms of a 1.05 s update on an H100 (`bench/bench_train_step.py
---profile`), more than the grouped GEMMs themselves. Both gathers are by a permutation, so their gradients are
-gathers too: by the inverse permutation, then (for the k copies of each token) a sum over k. Same values, same
-grouped GEMMs, no scatter: 129 ms in the same update (`bench/README.md`).
+grouped GEMMs, multiply by the routing weights, gather the result back by the inverse permutation and sum each
+token's k rows. Autograd turns each gather into an `index_put_(accumulate=True)` in the backward: a sort-based
+scatter-add over `[N * k, H]` rows. At 32K tokens with 8 of 128 experts active (hidden 2048), they took 190 ms
+of a 1.05 s update on an H100 (`bench/bench_train_step.py --profile`), more than the grouped GEMMs themselves.
+
+Both gathers are by a permutation, so their gradients are gathers too. Here:
+- `_ExpandRows` (token-major -> expert-major): forward `x[perm // k]`; backward, for each token, the sum of its
+  k rows of the gradient, found by the inverse permutation;
+- `_CollectRows` (expert-major -> token-major, with the routing weights): forward, for each token, the weighted
+  fp32 sum of its k expert outputs; backward, each pair's row `w * grad[token]` and its weight's gradient
+  `<grad[token], y[pair]>`.
+On CUDA both run as one Triton kernel per direction (`models/moe_gather_triton.py`: each row read and written
+once); elsewhere, or without Triton, as torch ops. Same values, same grouped GEMMs, no scatter (`bench/
+bench_moe_experts.py` times each path).
 
 Registered in transformers' experts interface; a model switches with `set_experts_implementation`.
 """
@@ -17,24 +25,76 @@ import torch
 
 GROUPED_MM_PERMUTE = "grouped_mm_permute"
 
+# None: the Triton kernels on CUDA tensors when Triton imports, torch ops otherwise; False: torch ops always.
+USE_TRITON: bool | None = None
 
-class _PermuteRows(torch.autograd.Function):
-    """`x[index // repeat]` where `index` is a permutation of `[0, rows * repeat)` and `inverse` its inverse.
-    x `[rows, H]` -> `[rows * repeat, H]`; the gradient is `grad[inverse]` summed over each row's `repeat` copies."""
+
+def _triton(t: torch.Tensor):
+    """The Triton kernels module if they serve tensor `t`, else None."""
+    if USE_TRITON is False or not t.is_cuda:
+        return None
+    try:
+        from models import moe_gather_triton
+    except ImportError:
+        return None
+    return moe_gather_triton
+
+
+def expand_rows(x: torch.Tensor, perm: torch.Tensor, k: int) -> torch.Tensor:
+    """x `[N, H]` -> `[N k, H]`, row i = `x[perm[i] // k]`."""
+    kernels = _triton(x)
+    return kernels.expand_rows(x, perm, k) if kernels else x.index_select(0, perm // k)
+
+
+def collect_rows(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor | None, k: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """y `[N k, H]` -> `[N, H]` of `dtype`, row t = fp32 sum over j of `weights[t, j] * y[inverse[t k + j]]`."""
+    kernels = _triton(y)
+    if kernels:
+        return kernels.collect_rows(y, inverse, weights, k, dtype)
+    rows = y.index_select(0, inverse).view(-1, k, y.shape[-1]).float()
+    if weights is not None:
+        rows = rows * weights.float().unsqueeze(-1)
+    return rows.sum(1).to(dtype)
+
+
+class _ExpandRows(torch.autograd.Function):
+    """x `[N, H]` -> `[N k, H]` in expert order; the gradient sums each token's k rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeat: int) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
         ctx.save_for_backward(inverse)
-        ctx.repeat = repeat
-        return x.index_select(0, index // repeat if repeat > 1 else index)
+        ctx.k = k
+        return expand_rows(x, perm, k)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        g = grad.index_select(0, inverse)
-        if ctx.repeat > 1:
-            g = g.view(-1, ctx.repeat, g.shape[-1]).sum(1, dtype=torch.float32).to(grad.dtype)
-        return g, None, None, None
+        return collect_rows(grad, inverse, None, ctx.k, grad.dtype), None, None, None
+
+
+class _CollectRows(torch.autograd.Function):
+    """y `[N k, H]` in expert order, weights `[N, k]` -> `[N, H]`: each token's weighted sum of its k rows."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        ctx.save_for_backward(y, weights, perm, inverse)
+        return collect_rows(y, inverse, weights, weights.shape[1], dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, weights, perm, inverse = ctx.saved_tensors
+        kernels = _triton(y)
+        if kernels:
+            grad_y, grad_w = kernels.collect_rows_backward(grad, y, inverse, weights)
+            return grad_y, grad_w, None, None, None
+        n, k = weights.shape
+        g = grad.float().unsqueeze(1)  # [N, 1, H]
+        rows = y.index_select(0, inverse).view(n, k, -1).float()
+        grad_w = (g * rows).sum(-1).to(weights.dtype)
+        grad_y = (g * weights.float().unsqueeze(-1)).to(y.dtype).view(n * k, -1).index_select(0, perm)
+        return grad_y, grad_w, None, None, None
 
 
 def grouped_mm_permute_experts(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -46,20 +106,18 @@ def grouped_mm_permute_experts(self, hidden_states: torch.Tensor, top_k_index: t
 
     if self.has_bias or not self.has_gate or getattr(self, "_is_expert_parallel", False):
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    n, k = top_k_index.shape
+    k = top_k_index.shape[1]
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    x = _PermuteRows.apply(hidden_states, perm, inverse, k)  # [N k, H], grouped by expert
-    weights = top_k_weights.reshape(-1)[perm]
+    x = _ExpandRows.apply(hidden_states, perm, inverse, k)  # [N k, H], grouped by expert
     # histc, not bincount, as transformers does: CUDA wants int input, the CPU float
     counts = torch.histc(expert_ids.int() if expert_ids.is_cuda else expert_ids.float(), bins=self.num_experts,
                          min=0, max=self.num_experts - 1)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     h = self._apply_gate(_grouped_linear(x, self.gate_up_proj, offsets, is_transposed=self.is_transposed))
-    out = _grouped_linear(h, self.down_proj, offsets, is_transposed=self.is_transposed) * weights.unsqueeze(-1)
-    out = _PermuteRows.apply(out, inverse, perm, 1)  # back to token-major [N k, H]
-    return out.view(n, k, -1).sum(dim=1).to(hidden_states.dtype)
+    y = _grouped_linear(h, self.down_proj, offsets, is_transposed=self.is_transposed)
+    return _CollectRows.apply(y, top_k_weights, perm, inverse, hidden_states.dtype)
 
 
 def register() -> None:
