@@ -93,11 +93,11 @@ def main() -> int:
         for label, impl, use_triton in variants:
             cfg._experts_implementation, moe.USE_TRITON = impl, use_triton
 
-            def forward():
+            def forward(x=x):
                 with torch.no_grad():
                     return module(x)
 
-            def forward_backward():
+            def forward_backward(x=x, grad=grad):
                 module.zero_grad(set_to_none=True)
                 x.grad = None
                 module(x).backward(grad)
