@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +71,35 @@ def test_a_model_switched_to_sdpa_flex_computes_what_sdpa_does(project_tokenizer
         got = [model(input_ids=ids, attention_mask=m).logits for m in (padded, torch.ones_like(padded))]
     for g, w in zip(got, want):
         torch.testing.assert_close(g[padded.bool()], w[padded.bool()], rtol=0, atol=1e-5)
+
+
+def test_where_flex_attention_fails_the_block_mask_goes_to_sdpa_as_a_dense_mask(monkeypatch):
+    """A shape FlexAttention cannot compile gets one warning and sdpa's result on the same mask, then no retry."""
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    import models.attention as attention
+
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("NoValidChoicesError: No choices to select")
+
+    monkeypatch.setattr(hf_flex, "flex_attention_forward", failing)
+    monkeypatch.setattr(attention, "_FLEX_FAILED", set())
+    q, k, v = _qkv(48)
+    segment = torch.tensor([0] * 20 + [1] * 28)
+
+    def mask_mod(_b, _h, qi, ki):
+        return (ki <= qi) & (segment[qi] == segment[ki])
+
+    block = create_block_mask(mask_mod, B=1, H=None, Q_LEN=48, KV_LEN=48, device="cpu", BLOCK_SIZE=16)
+    idx = torch.arange(48)
+    dense = mask_mod(0, 0, idx[:, None], idx[None])[None, None]
+    assert torch.equal(attention.dense_mask(block), dense)
+    with pytest.warns(UserWarning, match="FlexAttention failed"):
+        out, _ = sdpa_flex_attention(_Layer(), q, k, v, block, scaling=0.25)
+    torch.testing.assert_close(out, _sdpa(q, k, v, attn_mask=dense), rtol=0, atol=1e-6)
+    out, _ = sdpa_flex_attention(_Layer(), q, k, v, block, scaling=0.25)  # remembered: no second attempt
+    assert len(calls) == 1

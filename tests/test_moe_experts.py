@@ -62,6 +62,6 @@ def test_triton_gathers_equal_the_torch_ops_on_cuda(monkeypatch, dtype, hidden):
         (expanded.float().square().sum() / 2 + (collected.float() * up.float()).sum()).backward()
         results.append((expanded, collected, x.grad, y.grad, w.grad))
     assert torch.equal(results[0][0], results[1][0])  # a copy: exact
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=2e-2)  # w.grad: 2048-term dots
     for name, a, b in zip(["collected", "x.grad", "y.grad", "w.grad"], results[0][1:], results[1][1:]):
         torch.testing.assert_close(b.float(), a.float(), msg=name, **tol)
