@@ -118,12 +118,12 @@ def sync(device) -> None:
 def reference_step(args, cfg, tokenizer, device, rollouts):
     """Plain transformers: forward with full logits at the response positions, fp32 log-softmax, backward, AdamW."""
     from models.batching import pack
+    from models.checkpointing import checkpointing_mode, enable_checkpointing
     from rl.student import build_student
 
     model, _ = build_student(cfg, tokenizer, device=device)
     model.train()
-    if args.checkpointing == "on" or (args.checkpointing == "auto" and device.type == "cuda"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model, checkpointing_mode(args.checkpointing, device))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                             fused=device.type == "cuda" or None)
     batch = pack(rollouts.prompts, rollouts.unpadded_responses(), tokenizer.pad_token_id).to(device)
@@ -199,7 +199,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak", type=float, default=790e12, help="dense bf16 FLOP/s of the device")
-    parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "selective", "off"])
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--attention", nargs="+", default=["auto"],
                         help="model.attention values to run the policy rows with (one pair of rows each)")

@@ -335,8 +335,9 @@ class TrainerConfig:
         "(actors in the placement plan's bundles), 'local' (one rank in-process); 'auto' is torchrun inside a "
         "torchrun job, ray for world_size > 1, else local.", default="auto")
     gpus_per_rank: float = _help("GPUs per training rank in the placement plan (CUDA training).", default=1.0, ge=0)
-    activation_checkpointing: Literal["auto", "on", "off"] = _help(
-        "Recompute each decoder layer's activations in the backward pass; 'auto' is on for CUDA.", default="auto")
+    activation_checkpointing: Literal["auto", "on", "selective", "off"] = _help(
+        "Recompute each decoder layer's activations in the backward pass ('on'); 'selective' keeps the attention "
+        "kernels' outputs and recomputes the rest (models/checkpointing.py); 'auto' is on for CUDA.", default="auto")
     offload: Literal["none", "cpu"] = _help(
         "FSDP2 CPU offload of parameters, gradients and optimizer state (few GPUs, large student).", default="none")
     collective_timeout_s: float = _help(

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from models.batching import pack
+from models.checkpointing import checkpointing_mode, enable_checkpointing
 from models.dsa import is_dsa_model
 from models.moe_experts import use_permute_experts
 from models.packing import budget_batches, pack_shared, resolve_attention, set_attention
@@ -64,10 +65,6 @@ def mixed_precision(precision: str, device: torch.device) -> bool:
     return precision == "bf16_mixed" or (precision == "auto" and device.type == "cuda")
 
 
-def activation_checkpointing(setting: str, device: torch.device) -> bool:
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
-
-
 class PolicyWorker:
     def __init__(self, cfg, rank: int = 0, world_size: int = 1, local_rank: int | None = None):
         from rl.student import build_student, resolve_tokenizer
@@ -94,8 +91,7 @@ class PolicyWorker:
         set_attention(lm, resolve_attention(cfg.model.attention, self.device, self._shared_prompt(), is_dsa_model(lm)))
         use_permute_experts(lm)  # MoE token permutations' backward as gathers, not scatter-adds
         self.mixed = mixed_precision(cfg.trainer.precision, self.device)
-        if activation_checkpointing(cfg.trainer.activation_checkpointing, self.device):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm, checkpointing_mode(cfg.trainer.activation_checkpointing, self.device))
         self.module = LogprobModel(lm, cfg.model.dsa.stage)
         self.reference = self._reference() if cfg.algorithm.kl_coef > 0 else None
         if self.sharded or self.mixed or cfg.trainer.offload != "none":
