@@ -25,6 +25,7 @@ from models.dsa.kernels.triton_indexer import STATS as INDEXER_STATS  # noqa: E4
 from models.dsa.kernels.triton_indexer import index_scores, indexer_topk  # noqa: E402
 from models.dsa.kernels.triton_sparse_attention import sparse_attention, sparse_attention_fwd  # noqa: E402
 from models.dsa.reference import sparse_attention_ref  # noqa: E402
+from timing import peak_gib, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 4, 128
 GQA_NATIVE = True  # set False at start-up if the flash backend refuses enable_gqa
@@ -110,28 +111,13 @@ def check_correctness() -> bool:
 
 
 def timeit(fn, reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
+    """Median CUDA-event ms of `fn` over `reps` calls after `warmup`."""
+    return time_ms(fn, torch.device("cuda"), warmup, reps)
 
 
 def peak(fn) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
+    """Peak GiB of one call above what was allocated before it."""
+    return peak_gib(fn, torch.device("cuda"))
 
 
 def bench_length(L: int, topk: int) -> dict:

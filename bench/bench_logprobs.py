@@ -20,9 +20,7 @@ error of the log-probs against the fp32 path (fp32 matmul, fp32 log_softmax).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,44 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import logprobs as logprobs_mod  # noqa: E402
 from models.batching import token_logprobs  # noqa: E402
 from models.logprobs import hidden_logprobs, tile_shape  # noqa: E402
+from timing import peak_gib, time_ms  # noqa: E402
 
 
 def say(msg: str = "") -> None:
     print(msg, flush=True)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> float:
-    """Median ms of `fn` over `reps` calls, after `warmup` calls (which also compile)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def peak_gib(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory of one call above what was allocated before it (the inputs), GiB; None off CUDA."""
-    if device.type != "cuda":
-        fn()
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def reference_logprobs(h: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:

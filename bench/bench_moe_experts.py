@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import peak_gib, time_ms  # noqa: E402
+
 
 def block(args, device, dtype):
     from transformers import Qwen3MoeConfig
@@ -33,32 +35,6 @@ def block(args, device, dtype):
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.02)
     return module, cfg
-
-
-def timed(fn, device, repeats: int) -> tuple[float, float]:
-    """(median ms, peak GiB above the start) of `fn()` after one warm-up."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
-    return sorted(times)[len(times) // 2], peak
 
 
 def main() -> int:
@@ -108,17 +84,19 @@ def main() -> int:
                 ref = (out, x.grad.clone())
             err = max((out.float() - ref[0].float()).abs().max().item(),
                       (x.grad.float() - ref[1].float()).abs().max().item())
-            f_ms, _ = timed(forward, device, args.repeats)
-            fb_ms, peak = timed(forward_backward, device, args.repeats)
+            f_ms = time_ms(forward, device, 1, args.repeats)
+            fb_ms = time_ms(forward_backward, device, 1, args.repeats)
+            peak = peak_gib(forward_backward, device)
             rows.append((n, label, f_ms, fb_ms, flops / fb_ms / 1e9, peak, err))
             print(f"  {n} tokens, {label}: fwd {f_ms:.2f} ms, fwd+bwd {fb_ms:.2f} ms", flush=True)
     moe.USE_TRITON = None
     print(f"\nMoE block (router + experts), {name}, {dtype}, hidden {args.hidden}, {args.experts} experts of "
           f"{args.moe_intermediate}, {args.active} active, median of {args.repeats}")
-    print("| tokens | experts path | fwd ms | fwd+bwd ms | grouped-GEMM TFLOP/s | peak GiB (fwd+bwd) | max abs diff |")
+    print("| tokens | experts path | fwd ms | fwd+bwd ms | grouped-GEMM TFLOP/s | peak GiB above the inputs (fwd+bwd) | max abs diff |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for n, label, f_ms, fb_ms, tflops, peak, err in rows:
-        print(f"| {n} | {label} | {f_ms:.2f} | {fb_ms:.2f} | {tflops:.0f} | {peak:.2f} | {err:.1e} |")
+        peak_text = "n/a" if peak is None else f"{peak:.2f}"
+        print(f"| {n} | {label} | {f_ms:.2f} | {fb_ms:.2f} | {tflops:.0f} | {peak_text} | {err:.1e} |")
     return 0
 
 
