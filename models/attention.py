@@ -30,6 +30,12 @@ AttentionChoice = Literal["auto", "sdpa", "sdpa_flex", "flex_attention", "eager"
 ATTENTION_CHOICES: tuple[str, ...] = get_args(AttentionChoice)
 
 
+# (device type, dtype, query heads, kv heads, head dim) whose FlexAttention compile failed. Seen on an H100 with
+# torch 2.11: a bf16 model of head dim 32, 2 query / 1 KV heads, 82 tokens ("NoValidChoicesError" in the
+# flex_attention lowering); head dim 128 compiles there. Remembered so that the compile is not retried every call.
+_FLEX_FAILED: set[tuple] = set()
+
+
 def sdpa_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """query `[B, Hq, L, D]`, key/value `[B, Hkv, S, D]`, attention_mask a `BlockMask`, a `[B, 1, L, S]` tensor or
@@ -54,12 +60,6 @@ def sdpa_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
                               stacklevel=2)
         attention_mask = dense_mask(attention_mask)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-# (device type, dtype, query heads, kv heads, head dim) whose FlexAttention compile failed. Seen on an H100 with
-# torch 2.11: a bf16 model of head dim 32, 2 query / 1 KV heads, 82 tokens ("NoValidChoicesError" in the
-# flex_attention lowering); head dim 128 compiles there. Remembered so that the compile is not retried every call.
-_FLEX_FAILED: set[tuple] = set()
 
 
 def dense_mask(block_mask) -> torch.Tensor:

@@ -21,6 +21,8 @@ Registered in transformers' experts interface; a model switches with `set_expert
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 GROUPED_MM_PERMUTE = "grouped_mm_permute"
@@ -29,15 +31,21 @@ GROUPED_MM_PERMUTE = "grouped_mm_permute"
 USE_TRITON: bool | None = None
 
 
-def _triton(t: torch.Tensor):
-    """The Triton kernels module if they serve tensor `t`, else None."""
-    if USE_TRITON is False or not t.is_cuda:
-        return None
+@functools.cache
+def _triton_kernels():
+    """`models.moe_gather_triton`, or None where Triton does not import (tried once, not on every MoE call)."""
     try:
         from models import moe_gather_triton
     except ImportError:
         return None
     return moe_gather_triton
+
+
+def _triton(t: torch.Tensor):
+    """The Triton kernels module if they serve tensor `t`, else None."""
+    if USE_TRITON is False or not t.is_cuda:
+        return None
+    return _triton_kernels()
 
 
 def expand_rows(x: torch.Tensor, perm: torch.Tensor, k: int) -> torch.Tensor:
@@ -56,6 +64,21 @@ def collect_rows(y: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor |
     if weights is not None:
         rows = rows * weights.float().unsqueeze(-1)
     return rows.sum(1).to(dtype)
+
+
+def collect_rows_backward(grad: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor,
+                          inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad `[N, H]` of `collect_rows(y, inverse, weights)` -> (grad_y `[N k, H]`: row `inverse[t k + j]` is
+    `weights[t, j] * grad[t]`; grad_weights `[N, k]`: `<grad[t], y[inverse[t k + j]]>`)."""
+    kernels = _triton(y)
+    if kernels:
+        return kernels.collect_rows_backward(grad, y, inverse, weights)
+    n, k = weights.shape
+    g = grad.float().unsqueeze(1)  # [N, 1, H]
+    rows = y.index_select(0, inverse).view(n, k, -1).float()
+    grad_w = (g * rows).sum(-1).to(weights.dtype)
+    grad_y = (g * weights.float().unsqueeze(-1)).to(y.dtype).view(n * k, -1).index_select(0, perm)
+    return grad_y, grad_w
 
 
 class _ExpandRows(torch.autograd.Function):
@@ -85,15 +108,7 @@ class _CollectRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         y, weights, perm, inverse = ctx.saved_tensors
-        kernels = _triton(y)
-        if kernels:
-            grad_y, grad_w = kernels.collect_rows_backward(grad, y, inverse, weights)
-            return grad_y, grad_w, None, None, None
-        n, k = weights.shape
-        g = grad.float().unsqueeze(1)  # [N, 1, H]
-        rows = y.index_select(0, inverse).view(n, k, -1).float()
-        grad_w = (g * rows).sum(-1).to(weights.dtype)
-        grad_y = (g * weights.float().unsqueeze(-1)).to(y.dtype).view(n * k, -1).index_select(0, perm)
+        grad_y, grad_w = collect_rows_backward(grad, y, weights, perm, inverse)
         return grad_y, grad_w, None, None, None
 
 
