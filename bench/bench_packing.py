@@ -124,14 +124,14 @@ def video_prompt(tokenizer, layout, prompt_tokens: int, frame_tokens: int, seed:
     return RenderedPrompt(ids, types, pixels, grid)
 
 
-def step_rollouts(prompts: list[RenderedPrompt], group: int, answer: int, vocab: int, seed: int) -> Rollouts:
-    """G answers of exactly `answer` tokens per prompt, with pi_old = 0 and group-normalised advantages. `vocab`:
-    answers draw from ids below it (the plain tokens: a vision placeholder in an answer would be a video token)."""
+def step_rollouts(prompts: list[RenderedPrompt], group: int, answer: int, plain: torch.Tensor, seed: int) -> Rollouts:
+    """G answers of exactly `answer` tokens per prompt, with pi_old = 0 and group-normalised advantages. `plain`:
+    the ids answers draw from (no special token: a vision placeholder in an answer would be a video token)."""
     from tasks.base import Sample
 
     gen = torch.Generator().manual_seed(seed)
     b = len(prompts) * group
-    ids = torch.randint(10, vocab, (b, answer), generator=gen)
+    ids = plain[torch.randint(0, len(plain), (b, answer), generator=gen)]
     mask = torch.ones(b, answer)
     samples = [Sample(id=f"p{i}", domain="video", messages=[], reference=None) for i in range(len(prompts))]
     out = Rollouts(samples=[s for s in samples for _ in range(group)], prompts=[p for p in prompts for _ in range(group)],
@@ -292,7 +292,8 @@ def main() -> None:
         set_attention(teacher, attn)
         layout = vision_layout(worker.lm)
         vocab = len(worker.tokenizer)
-        plain = min(worker.tokenizer.all_special_ids + [vocab])  # answers draw from the ids below the specials
+        special = set(worker.tokenizer.all_special_ids)
+        plain = torch.tensor([i for i in range(vocab) if i not in special])  # answer ids: no special token
         n_params = sum(p.numel() for p in worker.lm.parameters())
         say(f"device {device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), attention {attn}, "
             f"student {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers, {args.experts} "
