@@ -437,3 +437,20 @@ def test_model_attention_key_sets_the_students_and_teachers_attention(workspace)
     torch.testing.assert_close(_pi_old(eager, rollouts)[0], _pi_old(sdpa, rollouts)[0], rtol=0, atol=LOGPROB_ATOL)
     teacher = HFTeacher("t", str(workspace / "teacher_vl"), attention="eager")
     assert teacher.model.config.get_text_config()._attn_implementation == "eager"
+
+
+def test_the_packing_benchmark_runs_at_small_size():
+    """`bench/bench_packing.py --small` (the CPU command bench/README.md gives) prints both paths' rows, with the
+    packed path forwarding each prompt once: 64 + 8 x 8 tokens where the padded path forwards 8 x (64 + 8)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/bench_packing.py", "--small", "--threads", "1", "--prompts", "64",
+                          "--answers", "8", "--phases", "pi_old", "--reps", "1"],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {cells[3]: cells for line in out.stdout.splitlines() if line.startswith("| 64 ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    assert rows["padded"][6] == "576" and rows["packed"][6] == "128"
