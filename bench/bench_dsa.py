@@ -1,8 +1,10 @@
 """DSA kernels on one GPU: correctness against the float64 PyTorch reference, then timings against dense SDPA.
 
 Shape: the Qwen3-30B-A3B attention (32 query heads, 4 KV heads, head dim 128), batch 1, causal, bf16, top-k 2048,
-indexer of 4 heads x 64. Prints a correctness block, then one table row per length (times in ms, median of
-CUDA-event timings), then the table again at the end. `--out DIR` also writes the log and a JSON there.
+indexer of 4 heads x 64. Prints a correctness block, then one table row per length and selection pattern (times in ms,
+median of CUDA-event timings), then the table again at the end. `--out DIR` also writes the log and a JSON there.
+Patterns (`models.dsa.patterns`): independent random selections (the worst case) and a structured one whose
+neighbouring queries share keys (trailing window, segment-shared salient blocks, random tokens).
 
     python bench/bench_dsa.py --lengths 8192 16384 32768 65536 131072 --out $OUT
 """
@@ -22,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.dsa.indexer import indexer_scores_ref  # noqa: E402
 from models.dsa.kernels.triton_indexer import STATS as INDEXER_STATS  # noqa: E402
-from models.dsa.kernels.triton_indexer import index_scores, indexer_topk  # noqa: E402
-from models.dsa.kernels.triton_sparse_attention import sparse_attention, sparse_attention_fwd  # noqa: E402
+from models.dsa.kernels.triton_indexer import indexer_topk  # noqa: E402
+from models.dsa.kernels.triton_sparse_attention import sparse_attention  # noqa: E402
+from models.dsa.patterns import adjacent_overlap, random_selection, structured_selection  # noqa: E402
 from models.dsa.reference import sparse_attention_ref  # noqa: E402
-from timing import peak_gib, time_ms  # noqa: E402
+from timing import graph_time_ms, peak_gib, time_ms  # noqa: E402
 
 HQ, HKV, D = 32, 4, 128
 GQA_NATIVE = True  # set False at start-up if the flash backend refuses enable_gqa
@@ -120,120 +123,190 @@ def peak(fn) -> float:
     return peak_gib(fn, torch.device("cuda"))
 
 
-def bench_length(L: int, topk: int) -> dict:
+def dense_times(L: int, reps: int) -> dict:
+    """flash (native GQA) and cuDNN (expanded K/V) SDPA, causal: fwd and fwd+bwd ms, peak GiB of the faster f+b."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    reps = 3 if L >= 65536 else 5
-    q, k, v, qi, ki, wi = inputs(L, L, torch.bfloat16, 1234 + L)
-    scale = 1 / math.sqrt(D)
-    res: dict = {"L": L}
-
+    q, k, v, _, _, _ = inputs(L, L, torch.bfloat16, 1234 + L)
     g = HQ // HKV
     ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # expanded outside the timed region
-
-    def sdpa(backend, a, b_, c, gqa):
-        with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(a, b_, c, is_causal=True, enable_gqa=gqa)
-
     gd = torch.randn_like(q)
-    variants = {"flash": (SDPBackend.FLASH_ATTENTION, k, v, True),
-                "flash_x": (SDPBackend.FLASH_ATTENTION, ke, ve, False),
-                "cudnn_x": (SDPBackend.CUDNN_ATTENTION, ke, ve, False)}
+    res: dict = {}
+    variants = {"flash": (SDPBackend.FLASH_ATTENTION, k, v, True) if GQA_NATIVE else
+                (SDPBackend.FLASH_ATTENTION, ke, ve, False),
+                "cudnn": (SDPBackend.CUDNN_ATTENTION, ke, ve, False)}
+    mems = {}
     for name, (backend, kk_, vv_, gqa) in variants.items():
-        if name == "flash" and not GQA_NATIVE:
-            continue
         qd, kd, vd = (x.detach().clone().requires_grad_() for x in (q, kk_, vv_))
 
+        def fwd(backend=backend, k_=kk_, v_=vv_, gqa=gqa):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k_, v_, is_causal=True, enable_gqa=gqa)
+
         def fb(backend=backend, qd=qd, kd=kd, vd=vd, gqa=gqa):
-            o = sdpa(backend, qd, kd, vd, gqa)
+            with sdpa_kernel(backend):
+                o = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa)
             o.backward(gd)
             qd.grad = kd.grad = vd.grad = None
 
         try:
-            res[f"{name}_fwd"] = timeit(lambda b_=backend, k_=kk_, v_=vv_, g_=gqa: sdpa(b_, q, k_, v_, g_), reps)
+            res[f"{name}_fwd"] = timeit(fwd, reps)
             res[f"{name}_fb"] = timeit(fb, reps)
-            if name == "flash":
-                res["dense_mem"] = peak(fb)
+            mems[name] = peak(fb)
         except RuntimeError as e:
             say(f"  dense {name} unavailable: {str(e).splitlines()[0][:100]}")
-    del ke, ve
-    res["dense_fwd"] = res.get("flash_fwd", res.get("flash_x_fwd"))
-    res["dense_fb"] = res.get("flash_fb", res.get("flash_x_fb"))
-    res.setdefault("dense_mem", float("nan"))
+            res[f"{name}_fwd"] = res[f"{name}_fb"] = float("nan")
+    fastest = min(mems, key=lambda n: res[f"{n}_fb"]) if mems else None
+    res["dense_mem"] = mems[fastest] if fastest else float("nan")
+    return res
 
-    def scores_only():
-        lk = L
-        chunk = max(64, ((1 << 29) // lk) // 64 * 64)
-        n_full = min(L, topk)
-        buf = torch.empty(min(chunk, L - n_full) * lk, dtype=torch.bfloat16, device="cuda")
-        for start in range(n_full, L, chunk):
-            rows = min(chunk, L - start)
-            nk = min(lk, start + rows)
-            index_scores(qi, ki, wi, start, rows, nk, 0, buf[: rows * nk].view(1, rows, nk))
 
-    res["indexer"] = timeit(scores_only, reps)
+OFF = {"mode": "off"}  # tile sharing off: the per-query path
+SELECTION_ROWS: list[dict] = []
+
+
+def selection_overlap(a: torch.Tensor, b: torch.Tensor, topk: int) -> float:
+    """Mean |A_t & B_t| / k over the rows with more than k candidates (the others keep every key)."""
+    a, b = a[:, topk:].long(), b[:, topk:].long()
+    if a.shape[1] == 0:
+        return 1.0
+    total = 0.0
+    for s0 in range(0, a.shape[1], 8192):
+        x, y = a[0, s0:s0 + 8192].sort(-1).values, b[0, s0:s0 + 8192].sort(-1).values
+        pos = torch.searchsorted(y, x).clamp(max=y.shape[1] - 1)
+        total += ((y.gather(1, pos) == x) & (x >= 0)).sum().item()
+    return total / (a.shape[1] * topk)
+
+
+def selection(pattern: str, L: int, topk: int) -> torch.Tensor:
+    if pattern == "random":
+        return random_selection(L, topk, seed=L, device="cuda")
+    return structured_selection(L, topk, seed=L, device="cuda")
+
+
+def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
+    """One row per selection pattern at length L (see the table header for the columns)."""
+    import models.dsa.kernels.triton_sparse_attention as sa
+
+    reps = 3 if L >= 65536 else 5
+    dense = dense_times(L, reps)
+    q, k, v, qi, ki, wi = inputs(L, L, torch.bfloat16, 1234 + L)
+    scale = 1 / math.sqrt(D)
+    select_ms = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=False), reps)  # streaming selection, bf16
+    select_fp8 = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=True), reps)
+    sel = {"L": L, "bf16": select_ms, "fp8": select_fp8,
+           "overlap": selection_overlap(indexer_topk(qi, ki, wi, topk, fp8=True),
+                                        indexer_topk(qi, ki, wi, topk, fp8=False), topk)}
+    SELECTION_ROWS.append(sel)
+    say(f"  selection {L // 1024}K: bf16 {select_ms:.1f} ms, fp8 {select_fp8:.1f} ms ({select_ms / select_fp8:.2f}x), "
+        f"fp8 set overlap with bf16 {sel['overlap']:.4f}")
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    gs = torch.randn(1, L, HQ, D, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for pattern in patterns:
+        idx = selection(pattern, L, topk)
+        r = {"L": L, "pattern": pattern, "select": select_ms, **dense}
+        r["overlap"] = adjacent_overlap(idx[:, topk:]) if L > topk else 1.0
+        t0 = time.perf_counter()
+        split = sa.plan_split(idx)
+        torch.cuda.synchronize()
+        r["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        r["shared"] = split.shared_fraction if split is not None else 0.0
+
+        def fwd(share=None, idx=idx):
+            return sa.sparse_attention_fwd(qt, kt, vt, idx, scale, 0, split=sa.plan_split(idx, share))
+
+        def fb(share=None, idx=idx):
+            o = sa.sparse_attention(qs, ks, vs, idx, scale, causal_offset=0, share=share)
+            o.backward(gs)
+            qs.grad = ks.grad = vs.grad = None
+
+        r["sparse_fwd"] = timeit(fwd, reps)  # SHARE_CONFIG mode (auto): probe, split when it pays
+        r["sparse_fb"] = timeit(fb, reps)
+        r["perq_fwd"] = timeit(lambda f=fwd: f(OFF), reps) if split is not None else r["sparse_fwd"]
+        r["perq_fb"] = timeit(lambda f=fb: f(OFF), reps) if split is not None else r["sparse_fb"]
+        r["dsa_fwd"] = select_ms + r["sparse_fwd"]
+        r["dsa_fb"] = select_ms + r["sparse_fb"]
+
+        def dsa_fb(fb=fb):
+            ix = indexer_topk(qi, ki, wi, topk)  # the selection's memory, then the pattern's attention
+            del ix
+            fb()
+
+        r["dsa_mem"] = peak(dsa_fb)
+        for name in ("cudnn", "flash"):
+            r[f"x_fwd_{name}"] = dense[f"{name}_fwd"] / r["dsa_fwd"]
+            r[f"x_fb_{name}"] = dense[f"{name}_fb"] / r["dsa_fb"]
+        rows.append(r)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def bench_decode(L: int, batch: int, topk: int) -> dict:
+    """One decode step (one new query token per sequence, L cached tokens): DSA (`triton_decode.decode_step`:
+    index scores + top-k + split sparse attention) against SDPA over the whole cache, both replayed from CUDA
+    graphs. Also checks the DSA step against the float64 reference on the same inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from models.dsa.kernels.triton_decode import decode_select, decode_step
+
+    g = torch.Generator(device="cuda").manual_seed(L + batch)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g, dtype=torch.float32)  # noqa: E731
+    q, k, v = r(batch, HQ, 1, D).bfloat16(), r(batch, HKV, L, D).bfloat16(), r(batch, HKV, L, D).bfloat16()
+    qi, ki, wi = r(batch, 1, HI, DI).bfloat16(), r(batch, L, DI).bfloat16(), r(batch, 1, HI)
+    scale = 1 / math.sqrt(D)
+    res: dict = {"L": L, "batch": batch}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def dense(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        try:
+            res[f"sdpa_{name}"] = graph_time_ms(dense)
+        except RuntimeError as e:
+            say(f"  decode SDPA {name} unavailable: {str(e).splitlines()[0][:100]}")
+            res[f"sdpa_{name}"] = float("nan")
+    res["sdpa"] = min(x for x in (res["sdpa_flash"], res["sdpa_cudnn"], res["sdpa_efficient"]) if x == x)
+    res["select"] = graph_time_ms(lambda: decode_select(qi, ki, wi, topk))
+    res["dsa"] = graph_time_ms(lambda: decode_step(q, k, v, qi, ki, wi, topk, scale))
+    res["x"] = res["sdpa"] / res["dsa"]
+    # correctness on these inputs: the selection is the exact top-k of the float64 scores' ranking within fp32
+    # rounding (sum of chosen scores), the attention the float64 reference over the chosen keys
+    idx = decode_select(qi, ki, wi, topk)
+    s64 = indexer_scores_ref(qi.double(), ki.double(), wi.double())
+    best = s64.topk(topk, dim=-1).values.sum(-1)
+    got = torch.gather(s64, -1, idx.long()).sum(-1)
+    res["select_rel"] = ((best - got).abs() / best.abs()).max().item()
+    out = decode_step(q, k, v, qi, ki, wi, topk, scale)
+    ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), scale)
+    res["out_rel"] = rel(out, ref)
+    return res
+
+
+def indexer_variants(L: int, topk: int) -> None:
+    """Time the selection's alternatives at one length (append modes, final cut, chunked path) and make the
+    fastest the default for the table."""
     import models.dsa.kernels.triton_indexer as ti
 
+    _, _, _, qi, ki, wi = inputs(L, L, torch.bfloat16, 1234 + L)
     finals = {}
-    for final in ("radix", "torch"):  # how each candidate list is cut to k; the faster becomes the default
+    for final in ("radix", "torch"):  # how each candidate list is cut to k
         ti.FINAL_SELECT = final
-        finals[final] = timeit(lambda: indexer_topk(qi, ki, wi, topk), reps)
+        finals[final] = timeit(lambda: indexer_topk(qi, ki, wi, topk), 3)
     ti.FINAL_SELECT = min(finals, key=finals.get)
-    res["final_select"] = dict(finals, chosen=ti.FINAL_SELECT)
     appends = {}
     for mode in ("atomic", "scan", "loop"):  # how the fused pass appends candidates
         ti.SELECT_APPEND = mode
-        appends[mode] = timeit(lambda: indexer_topk(qi, ki, wi, topk), reps)
+        appends[mode] = timeit(lambda: indexer_topk(qi, ki, wi, topk), 3)
     ti.SELECT_APPEND = min(appends, key=appends.get)
-    res["append"] = dict(appends, chosen=ti.SELECT_APPEND)
+    chunked = timeit(lambda: indexer_topk(qi, ki, wi, topk, method="chunked"), 3)
     INDEXER_STATS["profile"] = True
     indexer_topk(qi, ki, wi, topk)
     INDEXER_STATS["profile"] = False
-    res["stages"] = dict(INDEXER_STATS["stage_ms"])
-    res["indexer_topk"] = timeit(lambda: indexer_topk(qi, ki, wi, topk), reps)  # streaming selection
-    res["fallback_rows"] = INDEXER_STATS["fallback_rows"]
-    res["topk"] = res["indexer_topk"] - res["indexer"]
-    res["chunked_radix"] = timeit(lambda: indexer_topk(qi, ki, wi, topk, method="chunked"), reps)
-    res["chunked_torch"] = timeit(
-        lambda: indexer_topk(qi, ki, wi, topk, method="chunked", score_dtype=torch.float32), reps)
-    idx = indexer_topk(qi, ki, wi, topk)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    res["sparse_fwd"] = timeit(lambda: sparse_attention_fwd(qt, kt, vt, idx, scale, 0), reps)
-    # best-case locality for comparison: each query takes its `topk` most recent keys (a sliding window)
-    t = torch.arange(L, device="cuda", dtype=torch.int32)[:, None]
-    win = (t - torch.arange(topk, device="cuda", dtype=torch.int32)[None, :])
-    win = torch.where(win >= 0, win, -1)[None].contiguous()
-    res["sparse_fwd_window"] = timeit(lambda: sparse_attention_fwd(qt, kt, vt, win, scale, 0), reps)
-    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
-
-    def sparse_fb():
-        o = sparse_attention(qs, ks, vs, idx, scale, causal_offset=0)
-        o.backward(gs)
-        qs.grad = ks.grad = vs.grad = None
-
-    gs = torch.randn(1, L, HQ, D, device="cuda", dtype=torch.bfloat16)
-    res["sparse_fb"] = timeit(sparse_fb, reps)
-
-    def dsa_fwd():
-        ix = indexer_topk(qi, ki, wi, topk)
-        return sparse_attention_fwd(qt, kt, vt, ix, scale, 0)
-
-    def dsa_fb():
-        ix = indexer_topk(qi, ki, wi, topk)
-        o = sparse_attention(qs, ks, vs, ix, scale, causal_offset=0)
-        o.backward(gs)
-        qs.grad = ks.grad = vs.grad = None
-
-    res["dsa_fwd"] = timeit(dsa_fwd, reps)
-    res["dsa_fb"] = timeit(dsa_fb, reps)
-    res["dsa_mem"] = peak(dsa_fb)
-    res["ratio_fwd"] = res["dense_fwd"] / res["dsa_fwd"]
-    res["ratio_fb"] = res["dense_fb"] / res["dsa_fb"]
-    best_f = min(res.get(f"{n}_fwd", float("inf")) for n in ("flash", "flash_x", "cudnn_x"))
-    best_b = min(res.get(f"{n}_fb", float("inf")) for n in ("flash", "flash_x", "cudnn_x"))
-    res["ratio_fwd_best"] = best_f / res["dsa_fwd"]
-    res["ratio_fb_best"] = best_b / res["dsa_fb"]
-    return res
+    stages = " ".join(f"{k}={v:.1f}" for k, v in INDEXER_STATS["stage_ms"].items())
+    say(f"selection at {L // 1024}K: final cut {finals} -> {ti.FINAL_SELECT}; append {appends} -> "
+        f"{ti.SELECT_APPEND}; chunked path {chunked:.1f} ms; streaming stages ms: {stages}")
 
 
 def sweep(L: int, topk: int) -> None:
@@ -305,20 +378,34 @@ def sweep_indexer(L: int, topk: int) -> None:
     say(f"chosen: indexer select {ti.SELECT_CONFIG}")
 
 
-HEADER = ("|    L | flash fwd | flash f+b | cuDNN fwd | cuDNN f+b | indexer | top-k | (chunked radix) | (chunked torch) "
-          "| sparse fwd "
-          "| (window) | sparse f+b | DSA fwd | DSA f+b | fwd x | f+b x | fwd x best | f+b x best | mem dense GiB "
-          "| mem DSA GiB |")
+HEADER = ("|    L | pattern | overlap | shared | flash fwd | flash f+b | cuDNN fwd | cuDNN f+b | select "
+          "| sparse fwd | sparse f+b | (per-query fwd) | (per-query f+b) | DSA fwd | DSA f+b | fwd x cuDNN "
+          "| f+b x cuDNN | fwd x flash | f+b x flash | mem dense GiB | mem DSA GiB |")
 
 
 def row(r: dict) -> str:
-    nan = float("nan")
-    return (f"| {r['L'] // 1024:3d}K | {r['dense_fwd']:9.1f} | {r['dense_fb']:9.1f} | {r.get('cudnn_x_fwd', nan):9.1f} "
-            f"| {r.get('cudnn_x_fb', nan):9.1f} | {r['indexer']:7.1f} | {r['topk']:5.1f} | "
-            f"{r['chunked_radix']:15.1f} | {r['chunked_torch']:15.1f} | {r['sparse_fwd']:10.1f} | "
-            f"{r['sparse_fwd_window']:8.1f} | {r['sparse_fb']:10.1f} | {r['dsa_fwd']:7.1f} | {r['dsa_fb']:7.1f} | "
-            f"{r['ratio_fwd']:5.2f} | {r['ratio_fb']:5.2f} | {r['ratio_fwd_best']:10.2f} | {r['ratio_fb_best']:10.2f} "
+    return (f"| {r['L'] // 1024:3d}K | {r['pattern']:10s} | {r['overlap']:7.2f} | {r['shared']:6.2f} "
+            f"| {r['flash_fwd']:9.1f} | {r['flash_fb']:9.1f} | {r['cudnn_fwd']:9.1f} | {r['cudnn_fb']:9.1f} "
+            f"| {r['select']:6.1f} | {r['sparse_fwd']:10.1f} | {r['sparse_fb']:10.1f} | {r['perq_fwd']:15.1f} "
+            f"| {r['perq_fb']:15.1f} | {r['dsa_fwd']:7.1f} | {r['dsa_fb']:7.1f} | {r['x_fwd_cudnn']:11.2f} "
+            f"| {r['x_fb_cudnn']:11.2f} | {r['x_fwd_flash']:11.2f} | {r['x_fb_flash']:11.2f} "
             f"| {r['dense_mem']:13.2f} | {r['dsa_mem']:11.2f} |")
+
+
+DECODE_HEADER = ("|    L | batch | SDPA flash | SDPA cuDNN | SDPA efficient | DSA select | DSA step | x (best SDPA / DSA) "
+                 "| select rel err | out rel err |")
+
+
+def decode_row(r: dict) -> str:
+    return (f"| {r['L'] // 1024:3d}K | {r['batch']:5d} | {r['sdpa_flash']:10.3f} | {r['sdpa_cudnn']:10.3f} "
+            f"| {r['sdpa_efficient']:14.3f} | {r['select']:10.3f} | {r['dsa']:8.3f} | {r['x']:18.2f} "
+            f"| {r['select_rel']:14.1e} | {r['out_rel']:11.1e} |")
+
+
+def sa_share() -> dict:
+    import models.dsa.kernels.triton_sparse_attention as sa
+
+    return sa.SHARE_CONFIG
 
 
 def main() -> None:
@@ -329,6 +416,13 @@ def main() -> None:
     ap.add_argument("--sweep-length", type=int, default=0,
                     help="time launch settings of the fused indexer select and the sparse kernels at this "
                          "length first (the fastest become the defaults for the table; 0 = keep the defaults)")
+    ap.add_argument("--patterns", nargs="+", default=["random", "structured"], choices=["random", "structured"])
+    ap.add_argument("--indexer-variants", type=int, default=0,
+                    help="time the selection's alternatives (append modes, final cut, chunked path) at this "
+                         "length first; the fastest become the defaults (0 = keep the defaults)")
+    ap.add_argument("--decode-lengths", type=int, nargs="*", default=[32768, 131072],
+                    help="cached tokens for the decode-step table (none: skip it)")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -349,41 +443,65 @@ def main() -> None:
         say(f"flash SDPA without enable_gqa ({str(e).splitlines()[0][:80]}); dense K/V are expanded")
     ok = True if args.skip_check else check_correctness()
     say(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
+    if args.indexer_variants:
+        indexer_variants(args.indexer_variants, args.topk)
     if args.sweep_length:
         sweep_indexer(args.sweep_length, args.topk)
         sweep(args.sweep_length, args.topk)
         torch.cuda.empty_cache()
     rows = []
-    say("times in ms (median of CUDA-event timings); x = flash / DSA, x best = fastest dense (flash or cuDNN) / DSA;"
-        " DSA = indexer + top-k (streaming) + sparse attention; indexer = score pass alone, top-k = the rest;"
-        " (chunked ...) = indexer + top-k by the chunked path")
+    say("times in ms (median of CUDA-event timings). overlap: mean share of a query's set its predecessor also "
+        "selected; shared: share of (query, key) pairs served by tile-shared keys (0 = the per-query path was "
+        "chosen); select = indexer + top-k (streaming), on random indexer inputs; sparse = attention over the "
+        "pattern's selection (tile sharing auto, its planning included); (per-query) = sharing off; "
+        "DSA = select + sparse; x = dense / DSA")
     say(HEADER)
     for L in args.lengths:
         t0 = time.time()
         try:
-            r = bench_length(L, args.topk)
+            new_rows = bench_length(L, args.topk, args.patterns)
         except torch.cuda.OutOfMemoryError as e:  # report and go on to the table
             say(f"| {L // 1024}K | OOM: {str(e).splitlines()[0]} |")
             continue
-        rows.append(r)
-        stages = " ".join(f"{k}={v:.1f}" for k, v in r["stages"].items())
-        fin = r["final_select"]
-        say(row(r) + f"  ({time.time() - t0:.0f}s, stream fallback rows {r['fallback_rows']}; stages ms: {stages};"
-            f" final radix {fin['radix']:.1f} / torch {fin['torch']:.1f} -> {fin['chosen']};"
-            f" append atomic {r['append']['atomic']:.1f} / scan {r['append']['scan']:.1f}"
-            f" / loop {r['append']['loop']:.1f}"
-            f" -> {r['append']['chosen']})")
+        rows += new_rows
+        for r in new_rows:
+            say(row(r) + f"  (split planning {r['plan_ms']:.1f} ms; {time.time() - t0:.0f}s)")
         torch.cuda.empty_cache()
+    decode_rows = []
+    if args.decode_lengths:
+        say("")
+        say(DECODE_HEADER)
+        for L in args.decode_lengths:
+            for batch in args.decode_batches:
+                decode_rows.append(bench_decode(L, batch, args.topk))
+                say(decode_row(decode_rows[-1]))
+                torch.cuda.empty_cache()
     say("")
     say(f"== table ({torch.cuda.get_device_name()}, batch 1, Hq=32 Hkv=4 D=128, top-k {args.topk}, "
-        f"indexer {HI}x{DI}, bf16, causal)")
+        f"indexer {HI}x{DI}, bf16, causal; tile sharing {sa_share()})")
     say(HEADER)
     for r in rows:
         say(row(r))
+    if SELECTION_ROWS:
+        say("")
+        say(f"== selection, indexer {HI}x{DI} + top-k {args.topk} ({torch.cuda.get_device_name()}): bf16 against "
+            "float8 e4m3 index queries/keys (per-token scales)")
+        say("|    L | bf16 ms | fp8 ms | speed-up | fp8 set overlap with bf16 |")
+        for r in SELECTION_ROWS:
+            say(f"| {r['L'] // 1024:3d}K | {r['bf16']:7.1f} | {r['fp8']:6.1f} | {r['bf16'] / r['fp8']:8.2f} "
+                f"| {r['overlap']:25.4f} |")
+    if decode_rows:
+        say("")
+        say(f"== decode step ({torch.cuda.get_device_name()}, one new token per sequence, CUDA-graph replay, "
+            f"Hq=32 Hkv=4 D=128, top-k {args.topk}, bf16; SDPA = fastest of flash / cuDNN / efficient)")
+        say(DECODE_HEADER)
+        for r in decode_rows:
+            say(decode_row(r))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_dsa_log.txt").write_text("\n".join(LOG) + "\n")
-        (args.out / "bench_dsa.json").write_text(json.dumps(rows, indent=1))
+        (args.out / "bench_dsa.json").write_text(json.dumps({"prefill": rows, "decode": decode_rows,
+                                                             "selection": SELECTION_ROWS}, indent=1))
 
 
 if __name__ == "__main__":

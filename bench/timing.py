@@ -41,3 +41,21 @@ def peak_gib(fn: Callable[[], object], device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def graph_time_ms(fn: Callable[[], object], reps: int = 20, calls_per_graph: int = 10) -> float:
+    """Median GPU ms of one `fn` call replayed from a CUDA graph (no CPU launch cost in the figure: what a
+    decode loop under CUDA graphs, as vLLM runs it, pays). `fn` must be capturable (no host syncs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return time_ms(graph.replay, torch.device("cuda"), 1, reps) / calls_per_graph

@@ -20,13 +20,16 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("lq,lk,topk", [(64, 64, 16), (300, 1300, 256), (2500, 2500, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["stream", "stream-atomic", "chunked"])
+@pytest.mark.parametrize("method", ["stream", "stream-atomic", "stream-blocks", "chunked"])
 def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method, monkeypatch):
     import models.dsa.kernels.triton_indexer as ti
     from models.dsa.kernels.triton_indexer import indexer_topk
 
     if method == "stream-atomic":  # the per-score atomic append instead of the default register-counter loop
         monkeypatch.setattr(ti, "SELECT_APPEND", "atomic")
+        method = "stream"
+    if method == "stream-blocks":  # candidate lists for 64 rows at a time: many blocks of rows
+        monkeypatch.setattr(ti, "SELECT_MEMORY", 64 * 3 * topk * 8)
         method = "stream"
 
     g = torch.Generator(device="cuda").manual_seed(lq * 7 + lk)
@@ -110,10 +113,114 @@ def test_model_kernel_path_equals_dense_when_k_covers_length():
     with torch.no_grad():
         ref = model(input_ids=ids).logits
         dsa.attach_dsa(model, topk=64, index_heads=2, index_head_dim=16, dense_when_short=False,
-                       use_kernels="always")
+                       use_kernels="always", dense_below=0)
         out = model(input_ids=ids).logits
         gen_dense_free = model.generate(input_ids=ids[:, :8], max_new_tokens=6, do_sample=False)
         dsa.set_dsa_mode(model, "dense")
         gen_dense = model.generate(input_ids=ids[:, :8], max_new_tokens=6, do_sample=False)
     assert torch.allclose(out, ref, atol=2e-4, rtol=1e-3)
     assert torch.equal(gen_dense_free, gen_dense)
+
+
+@pytest.mark.parametrize("pattern", ["structured", "random"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_m,key_range", [(16, 0), (8, 1024)])
+def test_tile_shared_keys_give_the_reference_result(pattern, dtype, block_m, key_range, monkeypatch):
+    """Keys shared by a tile of queries through the tile kernel, the rest per query: output and gradients equal
+    the float64 reference (and so the per-query path), for both selection patterns, one and several key passes."""
+    import models.dsa.kernels.triton_sparse_attention as sa
+    from models.dsa.patterns import random_selection, structured_selection
+
+    monkeypatch.setitem(sa.BWD_CONFIG, "key_range", key_range)
+    lq, topk = 3000, 256
+    if pattern == "structured":
+        idx = structured_selection(lq, topk, window=64, salient_blocks=4, block=16, segment=1024, n_random=128,
+                                   device="cuda")
+    else:
+        idx = random_selection(lq, topk, device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(block_m)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g).to(dtype)  # noqa: E731
+    q, k, v = r(1, 32, lq, 128), r(1, 4, lq, 128), r(1, 4, lq, 128)
+    split = sa.plan_split(idx, {"mode": "on", "block_m": block_m})
+    assert split.shared_fraction > (0.5 if pattern == "structured" else 0.0)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    out = sa.sparse_attention(qr, kr, vr, idx, causal_offset=0, share={"mode": "on", "block_m": block_m})
+    gout = torch.randn(out.shape, device="cuda", generator=g).to(dtype)
+    out.backward(gout)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = sparse_attention_ref(q64, k64, v64, idx.long(), 1 / math.sqrt(128))
+    ref.backward(gout.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in ((out, ref), (qr.grad, q64.grad), (kr.grad, k64.grad), (vr.grad, v64.grad)):
+        assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize("n_keys,topk", [(700, 64), (5000, 2048), (40, 64)])
+def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk):
+    """One decode step: the exact top-k (ties, e.g. repeated keys and ReLU zeros, to the earlier key as in the
+    reference) and sparse attention over it, split into slices and merged, equal to the float64 reference."""
+    from models.dsa.indexer import topk_indices_ref
+    from models.dsa.kernels.triton_decode import decode_attention, decode_select
+
+    g = torch.Generator(device="cuda").manual_seed(n_keys)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    b = 3
+    qi, ki, wi = r(b, 1, 4, 64), r(b, n_keys, 64), r(b, 1, 4)
+    ki[:, 10:30] = ki[:, 5:6]  # tied scores
+    wi[1] = -wi[1].abs()  # one sequence of all-negative weights: exact zeros tie everywhere
+    idx = decode_select(qi, ki, wi, topk)
+    allowed = allowed_mask(None, b, 1, n_keys, qi.device)
+    ref_idx = topk_indices_ref(dsa.indexer_scores_ref(qi, ki, wi), allowed, topk)
+    for i in range(b):
+        assert set(idx[i, 0].tolist()) == set(ref_idx[i, 0][ref_idx[i, 0] >= 0].tolist())
+    q, k, v = r(b, 32, 1, 128), r(b, 4, n_keys, 128), r(b, 4, n_keys, 128)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        out = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), idx, 1 / math.sqrt(128))
+        ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), 1 / math.sqrt(128))
+        assert _rel(out, ref) < tol
+
+
+@pytest.mark.parametrize("dense_below", [0, 36])
+def test_generation_with_cached_decode_kernel_equals_full_forwards(dense_below):
+    """generate() with the KV cache (each new token through the decode kernel) gives the tokens of generate()
+    without a cache (each step a full forward through the prefill kernels), with k smaller than the context;
+    with dense_below inside the generated span, the dense/top-k boundary moves through the decode steps."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        dsa.tiny_text_config("qwen3_moe", num_attention_heads=8, num_key_value_heads=2, head_dim=16)).cuda().eval()
+    ids = torch.randint(0, 100, (1, 30), device="cuda")
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+        dsa.attach_dsa(model, topk=8, index_heads=2, index_head_dim=16, use_kernels="always",
+                       dense_below=dense_below)
+        sparse_logits = model(input_ids=ids).logits
+        cached = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, use_cache=True)
+        full = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, full)
+    # every position of the prompt is below 36: dense; with 0 the top-k of 8 changes the logits
+    assert torch.allclose(sparse_logits, dense_logits, atol=2e-4, rtol=1e-3) == (dense_below == 36)
+
+
+def test_fp8_indexer_selects_the_top_k_of_the_quantised_scores():
+    """float8 e4m3 index queries/keys with per-token scales: the selection is the exact top-k of the dequantised
+    scores, and mostly the bf16 selection (random inputs, the hard case for agreement)."""
+    from models.dsa.kernels.triton_indexer import indexer_topk, quantize_fp8
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    lq, topk = 3000, 256
+    qi = torch.randn(1, lq, 4, 64, device="cuda", generator=g).bfloat16()
+    ki = torch.randn(1, lq, 64, device="cuda", generator=g).bfloat16()
+    wi = torch.randn(1, lq, 4, device="cuda", generator=g)
+    idx8 = indexer_topk(qi, ki, wi, topk, fp8=True).long()
+    q8, k8, w8, sk = quantize_fp8(qi, ki, wi)
+    s = dsa.indexer_scores_ref(q8.double(), k8.double(), w8.double())[0] * sk[0].double()[None, :]
+    allowed = allowed_mask(None, 1, lq, lq, s.device)[0]
+    best = s.masked_fill(~allowed, -math.inf).topk(topk, -1).values
+    got = torch.gather(s, 1, idx8[0].clamp(min=0)).masked_fill(idx8[0] < 0, 0).sum(-1)
+    want = best.masked_fill(best == -math.inf, 0)
+    assert ((got - want.sum(-1)).abs() / want.abs().sum(-1).clamp_min(1e-9)).max() < 1e-5
+    idx16 = indexer_topk(qi, ki, wi, topk, fp8=False).long()
+    same = [len(set(idx8[0, t].tolist()) & set(idx16[0, t].tolist())) / topk for t in range(topk, lq, 97)]
+    assert sum(same) / len(same) > 0.8

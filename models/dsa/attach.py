@@ -52,14 +52,16 @@ def _text_config(config):
 
 
 def attach_dsa(model: nn.Module, topk: int = 2048, index_heads: int = 4, index_head_dim: int = 64,
-               rope_dim: int | None = None, dense_when_short: bool = True, use_kernels: str = "auto") -> nn.Module:
+               rope_dim: int | None = None, dense_when_short: bool = True, use_kernels: str = "auto",
+               dense_below: int | str = 0) -> nn.Module:
     """Give every text attention layer of `model` a lightning indexer and the DSA forward; returns `model`.
 
     Vision attention (fused qkv) is left as it is. The indexer is created in the dtype/device of each layer's
     q_proj. Calling it on a model that already has DSA is an error (its indexer would be replaced).
+    Settings: `DSAConfig`.
     """
     cfg = DSAConfig(topk=topk, index_heads=index_heads, index_head_dim=index_head_dim, rope_dim=rope_dim,
-                    dense_when_short=dense_when_short, use_kernels=use_kernels)
+                    dense_when_short=dense_when_short, use_kernels=use_kernels, dense_below=dense_below)
     if is_dsa_model(model):
         raise ValueError(f"{type(model).__name__} already has DSA attached")
     targets = [m for m in model.modules() if _is_text_attention(m)]

@@ -110,11 +110,12 @@ class DSAAttentionMixin:
             out, _ = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
             if loss_mode is not None:
                 self._dense_warmup_loss(q, k, qi, ki, wi, attention_mask)
+        elif loss_mode is None and _use_kernels(self, q, attention_mask):
+            out = self._kernel_forward(q, k, v, qi, ki, wi)
         elif _use_kernels(self, q, attention_mask):
             idx = kernels.indexer_topk(qi, ki, wi, cfg.topk)
             out = kernels.sparse_attention(q, k, v, idx, self.scaling, causal_offset=lk - lq)
-            if loss_mode is not None:
-                self._sparse_loss(q, k, qi, ki, wi, idx.long(), None)
+            self._sparse_loss(q, k, qi, ki, wi, idx.long(), None)
         else:
             allowed = allowed_mask(attention_mask, b, lq, lk, q.device)
             with torch.no_grad():
@@ -124,6 +125,34 @@ class DSAAttentionMixin:
                 self._sparse_loss(q, k, qi, ki, wi, idx, allowed)
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
+
+    def _kernel_forward(self, q, k, v, qi, ki, wi) -> torch.Tensor:
+        """CUDA kernels, no indexer loss: queries at positions below `dense_below` dense (SDPA, flash/cuDNN), the
+        rest top-k; one new token (lq = 1) through the decode kernel. q [B, Hq, Lq, D] -> [B, Lq, Hq, D]."""
+        cfg = self.dsa_config
+        lq, lk = q.shape[2], k.shape[2]
+        off = lk - lq  # query i sits at position off + i
+        below = kernels.DENSE_CROSSOVER if cfg.dense_below == "auto" else cfg.dense_below
+        n_dense = min(lq, max(0, below - off))
+        parts = []
+        if n_dense:
+            from torch.nn.attention.bias import causal_lower_right
+
+            keys = off + n_dense
+            mask = causal_lower_right(n_dense, keys) if n_dense > 1 else None
+            dense = torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, :n_dense], k[:, :, :keys], v[:, :, :keys], attn_mask=mask, scale=self.scaling,
+                enable_gqa=True)
+            parts.append(dense.transpose(1, 2))
+        if n_dense < lq:
+            qs, qis, wis = q[:, :, n_dense:], qi[:, n_dense:], wi[:, n_dense:]
+            if lq - n_dense == 1:
+                parts.append(kernels.decode_step(qs, k, v, qis, ki, wis, cfg.topk, self.scaling))
+            else:
+                idx = kernels.indexer_topk(qis, ki, wis, cfg.topk)
+                parts.append(kernels.sparse_attention(qs, k, v, idx, self.scaling,
+                                                      causal_offset=lk - (lq - n_dense)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # -- indexer objectives -------------------------------------------------------------------------------------
     def _dense_warmup_loss(self, q, k, qi, ki, wi, attention_mask) -> None:

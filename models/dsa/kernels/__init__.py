@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import torch
 
+# below this many positions a query attends densely on the kernel path (DSAConfig.dense_below = "auto"): the length
+# where DSA's prefill (selection + sparse attention) stops being slower than dense SDPA, bench/bench_dsa.py
+DENSE_CROSSOVER = 65536
+
 
 def available() -> bool:
     """True when Triton imports and a CUDA device is present (or the Triton CPU interpreter is switched on)."""
@@ -29,5 +33,12 @@ def indexer_topk(*args, **kwargs):
 def sparse_attention(*args, **kwargs):
     """See `triton_sparse_attention.sparse_attention`."""
     from .triton_sparse_attention import sparse_attention as fn
+
+    return fn(*args, **kwargs)
+
+
+def decode_step(*args, **kwargs):
+    """See `triton_decode.decode_step`."""
+    from .triton_decode import decode_step as fn
 
     return fn(*args, **kwargs)

@@ -36,6 +36,10 @@ FINAL_SELECT = "torch"
 SELECT_APPEND = "loop"
 # launch settings of the fused score + select pass (rows and keys per tile, warps, pipeline depth)
 SELECT_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
+# score with float8 e4m3 index queries/keys (per-token scales) by default; measured by bench/bench_dsa.py
+INDEXER_FP8 = False
+# bytes of candidate lists held at once: the streaming selection works on blocks of rows that fit
+SELECT_MEMORY = 1 << 30
 
 
 class _Stages:
@@ -58,14 +62,15 @@ class _Stages:
 
 
 @triton.jit
-def _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+def _scores_tile(Q, K, W, SK, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b,
                  KEY_STRIDE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 IEEE: tl.constexpr):
-    """[BM, BN] fp32 scores of query rows `rows` against keys `cols * KEY_STRIDE`."""
+                 IEEE: tl.constexpr, KSCALE: tl.constexpr):
+    """[BM, BN] fp32 scores of query rows `rows` against keys `cols * KEY_STRIDE`. KSCALE: Q/K are fp8 and each
+    key's score is multiplied by its dequantisation scale SK[b, key] (the queries' scales are folded into W)."""
     offs_d = tl.arange(0, D)
     t = rows.to(tl.int64)
-    kblk = tl.load(K + b * sk_b + (cols[:, None] * KEY_STRIDE).to(tl.int64) * sk_l + offs_d[None, :],
-                   mask=cols[:, None] < n_keys, other=0.0)
+    key = (cols * KEY_STRIDE).to(tl.int64)
+    kblk = tl.load(K + b * sk_b + key[:, None] * sk_l + offs_d[None, :], mask=cols[:, None] < n_keys, other=0.0)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     rmask = rows < n_rows
     for h in tl.static_range(H):
@@ -76,15 +81,17 @@ def _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b,
             s = tl.dot(qh, tl.trans(kblk))
         wh = tl.load(W + b * sw_b + t * sw_l + h, mask=rmask, other=0.0)
         acc += tl.maximum(s, 0.0) * wh[:, None]
+    if KSCALE:
+        acc *= tl.load(SK + b * ss_b + key, mask=cols < n_keys, other=0.0)[None, :]
     return acc
 
 
 @triton.jit
-def _index_score_kernel(Q, K, W, S,
-                        sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, ss_b, ss_l,
+def _index_score_kernel(Q, K, W, SK, S,
+                        sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, skb, ss_b, ss_l,
                         q_start, n_rows, n_keys, causal_offset,
                         KEY_STRIDE: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
-                        BN: tl.constexpr, IEEE: tl.constexpr):
+                        BN: tl.constexpr, IEEE: tl.constexpr, KSCALE: tl.constexpr):
     """Scores of rows [q_start, q_start + n_rows) into S[b, row - q_start, col]; masked keys get -inf."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -98,18 +105,18 @@ def _index_score_kernel(Q, K, W, S,
         tl.store(s_base + local[:, None] * ss_l + cols[None, :],
                  tl.full((BM, BN), float("-inf"), tl.float32).to(S.dtype.element_ty), mask=smask)
     else:
-        acc = _scores_tile(Q, K, W, b, rows, cols, q_start + n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l,
-                           sw_b, sw_l, KEY_STRIDE, H, D, BM, BN, IEEE)
+        acc = _scores_tile(Q, K, W, SK, b, rows, cols, q_start + n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l,
+                           sw_b, sw_l, skb, KEY_STRIDE, H, D, BM, BN, IEEE, KSCALE)
         acc = tl.where(cols[None, :] * KEY_STRIDE <= (rows + causal_offset)[:, None], acc, float("-inf"))
         tl.store(s_base + local[:, None] * ss_l + cols[None, :], acc.to(S.dtype.element_ty), mask=smask)
 
 
 @triton.jit
-def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
-                         sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, st_b, sn_b, sc_b, sc_l,
+def _score_select_kernel(Q, K, W, SK, TAU, CNT, CVAL, CIDX,
+                         sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, skb, st_b, sn_b, sc_b, sc_l,
                          q_start, n_rows, n_keys, causal_offset, CAP, KK,
                          H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         IEEE: tl.constexpr, ATOMIC: tl.constexpr):
+                         IEEE: tl.constexpr, ATOMIC: tl.constexpr, KSCALE: tl.constexpr):
     """Append the causal scores > TAU[row] to slots [0, CAP) of the row's candidate list and those == TAU
     (ties, common with ReLU zeros) to slots [CAP, CAP + KK); CNT[b, 0/1, row] count both kinds."""
     pid_m = tl.program_id(0)
@@ -118,8 +125,8 @@ def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
     rows = q_start + pid_m * BM + tl.arange(0, BM)
     cols = pid_n * BN + tl.arange(0, BN)
     if pid_n * BN <= q_start + pid_m * BM + BM - 1 + causal_offset:
-        acc = _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
-                           1, H, D, BM, BN, IEEE)
+        acc = _scores_tile(Q, K, W, SK, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+                           skb, 1, H, D, BM, BN, IEEE, KSCALE)
         rmask = rows < n_rows
         tau = tl.load(TAU + b * st_b + rows, mask=rmask, other=float("inf"))
         valid = (cols[None, :] <= (rows + causal_offset)[:, None]) & rmask[:, None] & (cols[None, :] < n_keys)
@@ -158,11 +165,11 @@ def _score_select_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
 
 
 @triton.jit
-def _score_select_loop_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
-                              sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, st_b, sn_b, sc_b, sc_l,
+def _score_select_loop_kernel(Q, K, W, SK, TAU, CNT, CVAL, CIDX,
+                              sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l, skb, st_b, sn_b, sc_b, sc_l,
                               q_start, n_rows, n_keys, causal_offset, CAP, KK, n_blocks,
                               H: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                              IEEE: tl.constexpr):
+                              IEEE: tl.constexpr, KSCALE: tl.constexpr):
     """Like `_score_select_kernel`, but one program owns a block of BM query rows and walks all its causal key
     tiles, so the per-row list counters live in registers: no atomics, one prefix sum per row and tile.
     Row blocks are taken longest first (the causal triangle), which balances the SMs."""
@@ -177,8 +184,8 @@ def _score_select_loop_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
     key_end = tl.minimum(n_keys, q_start + pid_m * BM + BM + causal_offset)  # keys seen by the block's last row
     for c0 in range(0, key_end, BN):
         cols = c0 + tl.arange(0, BN)
-        acc = _scores_tile(Q, K, W, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
-                           1, H, D, BM, BN, IEEE)
+        acc = _scores_tile(Q, K, W, SK, b, rows, cols, n_rows, n_keys, sq_b, sq_l, sq_h, sk_b, sk_l, sw_b, sw_l,
+                           skb, 1, H, D, BM, BN, IEEE, KSCALE)
         valid = (cols[None, :] <= (rows + causal_offset)[:, None]) & rmask[:, None] & (cols[None, :] < n_keys)
         col_val = tl.broadcast_to(cols[None, :], (BM, BN))
         gti = (valid & (acc > tau[:, None])).to(tl.int32)
@@ -201,23 +208,27 @@ def _score_select_loop_kernel(Q, K, W, TAU, CNT, CVAL, CIDX,
 
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_start: int, n_rows: int, n_keys: int,
                  causal_offset: int, out: torch.Tensor, key_stride: int = 1, block_m: int = 64,
-                 block_n: int = 128, num_warps: int = 8) -> torch.Tensor:
+                 block_n: int = 128, num_warps: int = 8, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Scores of query rows [q_start, q_start+n_rows) against keys 0, s, 2s, ... (s = key_stride; n_keys of them):
     out [B, n_rows, n_keys]. q [B, Lq, H, d] (d contiguous), k [B, Lk, d], w [B, Lq, H] float32; key j*s is
-    allowed for query t when j*s <= t + causal_offset, others get -inf."""
+    allowed for query t when j*s <= t + causal_offset, others get -inf. k_scale [B, Lk] float32: q/k are fp8
+    (`quantize_fp8`) and key j's scores are multiplied by its scale."""
     b, _, h, d = q.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and w.stride(-1) == 1
     grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_keys, block_n), b)
-    _index_score_kernel[grid](q, k, w, out,
+    sk = w if k_scale is None else k_scale
+    _index_score_kernel[grid](q, k, w, sk, out,
                               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                              w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+                              w.stride(0), w.stride(1), sk.stride(0), out.stride(0), out.stride(1),
                               q_start, n_rows, n_keys, causal_offset,
                               KEY_STRIDE=key_stride, H=h, D=d, BM=block_m, BN=block_n,
-                              IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=2)
+                              IEEE=q.dtype == torch.float32, KSCALE=k_scale is not None, num_warps=num_warps,
+                              num_stages=2)
     return out
 
 
-def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_chunk_elems: int) -> None:
+def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_chunk_elems: int,
+                  k_scale: torch.Tensor | None = None) -> None:
     """Exact top-k of rows [start, end) (each with more than kk candidates) by scoring bounded row blocks."""
     b, lq = q.shape[:2]
     lk = k.shape[1]
@@ -228,7 +239,7 @@ def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_
         rows = min(chunk, end - s0)
         n_keys = min(lk, s0 + rows + off)
         s = buf[: b * rows * n_keys].view(b, rows, n_keys)
-        index_scores(q, k, w, s0, rows, n_keys, off, s)
+        index_scores(q, k, w, s0, rows, n_keys, off, s, k_scale=k_scale)
         if score_dtype == torch.bfloat16:
             row_topk_(s, idx, s0, off)
         else:
@@ -246,7 +257,36 @@ def _runs(rows: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_elems: int) -> int:
+def _select_candidates(q, k, w, tau, cnt, cval, cidx, r0: int, r1: int, lk: int, off: int, cap: int,
+                       kk: int, k_scale: torch.Tensor | None) -> None:
+    """The fused score + append pass for query rows [r0, r1): candidates at or above each row's threshold tau
+    into cval/cidx [B, r1 - r0, cap + kk] (ties at the threshold from slot cap), counts into cnt [B, 2, Lq]."""
+    b = q.shape[0]
+    sc = SELECT_CONFIG
+    bm, bn = sc["block_m"], sc["block_n"]
+    sk = w if k_scale is None else k_scale
+    if SELECT_APPEND == "loop":
+        n_blocks = triton.cdiv(r1 - r0, bm)
+        _score_select_loop_kernel[(n_blocks, b)](q, k, w, sk, tau, cnt, cval, cidx,
+                                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                                 w.stride(0), w.stride(1), sk.stride(0), tau.stride(0), cnt.stride(0),
+                                                 cval.stride(0), cval.stride(1), r0, r1, lk, off, cap, kk,
+                                                 n_blocks, H=q.shape[2], D=q.shape[3], BM=bm, BN=bn,
+                                                 IEEE=q.dtype == torch.float32, KSCALE=k_scale is not None,
+                                                 num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+    else:
+        grid = (triton.cdiv(r1 - r0, bm), triton.cdiv(lk, bn), b)
+        _score_select_kernel[grid](q, k, w, sk, tau, cnt, cval, cidx,
+                                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                                   w.stride(0), w.stride(1), sk.stride(0), tau.stride(0), cnt.stride(0), cval.stride(0),
+                                   cval.stride(1), r0, r1, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
+                                   BM=bm, BN=bn, IEEE=q.dtype == torch.float32, ATOMIC=SELECT_APPEND == "atomic",
+                                   KSCALE=k_scale is not None, num_warps=sc["num_warps"],
+                                   num_stages=sc["num_stages"])
+
+
+def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_elems: int,
+                 k_scale: torch.Tensor | None = None) -> int:
     """Exact top-k of rows [start, Lq) by threshold + fused selection; returns how many rows fell back."""
     b, lq = q.shape[:2]
     lk = k.shape[1]
@@ -265,60 +305,67 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
         rows = min(chunk, lq - s0)
         n_sub = min(n_sub_all, (s0 + rows - 1 + off) // sub_stride + 1)
         s = buf[: b * rows * n_sub].view(b, rows, n_sub)
-        index_scores(q, k, w, s0, rows, n_sub, off, s, key_stride=sub_stride)
+        index_scores(q, k, w, s0, rows, n_sub, off, s, key_stride=sub_stride, k_scale=k_scale)
         tau[:, s0:s0 + rows] = torch.topk(s, min(j, n_sub), dim=-1, sorted=False).values.amin(-1)
     del buf
     few = (torch.arange(lq, device=dev) + off + 1) <= cap  # rows with at most 2k candidates keep all
     tau[:, few] = float("-inf")
     marks.mark("threshold")
     cnt = torch.zeros(b, 2, lq, dtype=torch.int32, device=dev)  # [:, 0] above the threshold, [:, 1] equal
-    cval = torch.full((b, n_rows, cap + kk), float("-inf"), dtype=torch.float32, device=dev)
-    cidx = torch.empty(b, n_rows, cap + kk, dtype=torch.int32, device=dev)
-    sc = SELECT_CONFIG
-    bm, bn = sc["block_m"], sc["block_n"]
-    if SELECT_APPEND == "loop":
-        n_blocks = triton.cdiv(n_rows, bm)
-        _score_select_loop_kernel[(n_blocks, b)](q, k, w, tau, cnt, cval, cidx,
-                                                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                                 w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0),
-                                                 cval.stride(0), cval.stride(1), start, lq, lk, off, cap, kk,
-                                                 n_blocks, H=q.shape[2], D=q.shape[3], BM=bm, BN=bn,
-                                                 IEEE=q.dtype == torch.float32, num_warps=sc["num_warps"],
-                                                 num_stages=sc["num_stages"])
-    else:
-        grid = (triton.cdiv(n_rows, bm), triton.cdiv(lk, bn), b)
-        _score_select_kernel[grid](q, k, w, tau, cnt, cval, cidx,
-                                   q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                                   w.stride(0), w.stride(1), tau.stride(0), cnt.stride(0), cval.stride(0),
-                                   cval.stride(1), start, lq, lk, off, cap, kk, H=q.shape[2], D=q.shape[3],
-                                   BM=bm, BN=bn, IEEE=q.dtype == torch.float32, ATOMIC=SELECT_APPEND == "atomic",
-                                   num_warps=sc["num_warps"], num_stages=sc["num_stages"])
+    # candidate lists for a bounded block of rows at a time (fp32 score + int32 key per slot): at 128K tokens
+    # all rows' lists at once would take 6.4 GB, more than dense attention's whole forward and backward
+    per_row = b * (cap + kk) * 8
+    block = max(SELECT_CONFIG["block_m"], SELECT_MEMORY // per_row // 64 * 64)
+    rows_now = min(block, n_rows)
+    cval_buf = torch.empty(b, rows_now, cap + kk, dtype=torch.float32, device=dev)
+    cidx_buf = torch.empty(b, rows_now, cap + kk, dtype=torch.int32, device=dev)
+    for r0 in range(start, lq, block):
+        r1 = min(lq, r0 + block)
+        cval, cidx = cval_buf[:, :r1 - r0].fill_(float("-inf")), cidx_buf[:, :r1 - r0]
+        _select_candidates(q, k, w, tau, cnt, cval, cidx, r0, r1, lk, off, cap, kk, k_scale)
+        # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
+        if FINAL_SELECT == "radix":
+            slots = slots_topk32(cval, kk)
+        else:
+            slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
+        idx[:, r0:r1] = torch.gather(cidx, 2, slots.long())
+    del cval_buf, cidx_buf
     marks.mark("select")
-    # ties sit below every strictly-greater candidate, so one top-k takes all of those first, then ties
-    if FINAL_SELECT == "radix":
-        slots = slots_topk32(cval, kk)
-    else:
-        slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
-    idx[:, start:] = torch.gather(cidx, 2, slots.long())
-    marks.mark("final")
     marks.finish()
     n_gt, n_eq = cnt[:, 0, start:], cnt[:, 1, start:]
     bad = ((n_gt > cap) | (n_gt + n_eq.clamp(max=kk) < kk)).any(0).nonzero().flatten()
     if bad.numel():
         for r0, r1 in _runs((bad + start).tolist()):
-            _chunked_rows(q, k, w, idx, r0, r1, kk, torch.float32, max_chunk_elems)
+            _chunked_rows(q, k, w, idx, r0, r1, kk, torch.float32, max_chunk_elems, k_scale)
     return int(bad.numel())
+
+
+FP8_MAX = 448.0  # largest finite float8 e4m3
+
+
+def quantize_fp8(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
+    """Index queries and keys to float8 e4m3 with one scale per token (and per head for the queries).
+
+    q [B, Lq, H, d], k [B, Lk, d], w [B, Lq, H] -> (q8, k8, w * q_scale, k_scale [B, Lk] float32). ReLU commutes
+    with a positive scale, so the query scales fold into the head weights and the key scale multiplies the
+    score: I(t, s) = k_scale[s] * sum_h w'[t, h] ReLU(q8[t, h] . k8[s])."""
+    sq = q.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    sk = k.float().abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    q8 = (q.float() / sq[..., None]).to(torch.float8_e4m3fn)
+    k8 = (k.float() / sk[..., None]).to(torch.float8_e4m3fn)
+    return q8, k8, (w.float() * sq).contiguous(), sk.contiguous()
 
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, method: str = "stream",
                  score_dtype: torch.dtype | None = None, max_chunk_elems: int = 1 << 29,
-                 sub_stride: int = 16) -> torch.Tensor:
+                 sub_stride: int = 16, fp8: bool | None = None) -> torch.Tensor:
     """Top-k key indices per query, causal (queries are the last Lq of the Lk positions).
 
     q [B, Lq, H, d], k [B, Lk, d], w [B, Lq, H] -> idx [B, Lq, min(topk, Lk)] int32 (-1 = empty slot, at row end).
     method: "stream" (default; see the module note) or "chunked". score_dtype (chunked only): storage of the
     scores before selection; default bf16 for bf16/fp16 inputs (radix select, ties within bf16 rounding go to
-    the earlier key), else fp32 (`torch.topk`).
+    the earlier key), else fp32 (`torch.topk`). fp8 (default INDEXER_FP8): score with float8 e4m3 queries and
+    keys (`quantize_fp8`, per-token scales; the exact top-k of the quantised scores).
     """
     if method not in ("stream", "chunked"):
         raise ValueError(f"indexer_topk: method must be 'stream' or 'chunked', got {method!r}")
@@ -330,6 +377,7 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, m
     kk = min(topk, lk)
     q, k, w = q.contiguous(), k.contiguous(), w.float().contiguous()
     idx = torch.empty(b, lq, kk, dtype=torch.int32, device=q.device)
+    k_scale = None
     n_full = max(0, min(lq, kk - off))  # rows t with t + off + 1 <= kk: every candidate is kept
     if n_full:
         slots = torch.arange(kk, device=q.device, dtype=torch.int32)
@@ -337,8 +385,10 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, m
         idx[:, :n_full] = torch.where(slots[None, :] <= lim[:, None], slots[None, :], -1)
     if n_full == lq:
         return idx
+    if INDEXER_FP8 if fp8 is None else fp8:
+        q, k, w, k_scale = quantize_fp8(q, k, w)
     if method == "stream":
-        STATS["fallback_rows"] = _stream_rows(q, k, w, idx, n_full, kk, sub_stride, max_chunk_elems)
+        STATS["fallback_rows"] = _stream_rows(q, k, w, idx, n_full, kk, sub_stride, max_chunk_elems, k_scale)
     else:
-        _chunked_rows(q, k, w, idx, n_full, lq, kk, score_dtype, max_chunk_elems)
+        _chunked_rows(q, k, w, idx, n_full, lq, kk, score_dtype, max_chunk_elems, k_scale)
     return idx

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .tile_split import TileSplit, split_tiles
+from .triton_shared_attention import shared_attention_bwd, shared_attention_fwd
+
 LOG2E = 1.4426950408889634
 # launch settings (block of gathered keys, warps, pipeline depth); chosen from the sweep in bench/bench_dsa.py
 # under the constraint of no register spills (checked with cuobjdump -res-usage on sm_90 builds)
@@ -35,12 +38,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _sparse_fwd_kernel(Q, K, V, IDX, Out, LSE, qk_scale,
+def _sparse_fwd_kernel(Q, K, V, IDX, CNT, Out, LSE, qk_scale,
                        sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
-                       si_b, si_l, so_b, so_l, so_h, sl_b, sl_l,
+                       si_b, si_l, sc_b, so_b, so_l, so_h, sl_b, sl_l,
                        KK, causal_offset,
                        G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_INIT: tl.constexpr):
+    """HAS_COUNT: query t uses slots 0 .. CNT[t] of its row. HAS_INIT: Out/LSE already hold a normalised partial
+    result over other keys (the shared-key kernel's; LSE -inf = none), which this program extends."""
     t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -49,10 +54,22 @@ def _sparse_fwd_kernel(Q, K, V, IDX, Out, LSE, qk_scale,
     hmask = offs_h < G
     heads = g * G + offs_h
     q = tl.load(Q + b * sq_b + t * sq_l + heads[:, None] * sq_h + offs_d[None, :], mask=hmask[:, None], other=0.0)
-    m_i = tl.full((BH,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BH,), tl.float32)
-    acc = tl.zeros((BH, D), tl.float32)
-    n = tl.where(causal_offset >= 0, tl.minimum(KK, tl.program_id(0) + causal_offset + 1), KK)
+    o_ptr = Out + b * so_b + t * so_l + heads[:, None] * so_h + offs_d[None, :]
+    l_ptr = LSE + b * sl_b + t * sl_l + heads
+    if HAS_INIT:  # state (m, l, acc) = (lse, 1, out) is exactly the partial softmax over the other keys
+        m_i = tl.load(l_ptr, mask=hmask, other=float("-inf"))
+        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+        acc = tl.load(o_ptr, mask=hmask[:, None], other=0.0).to(tl.float32) * l_i[:, None]
+    else:
+        m_i = tl.full((BH,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BH,), tl.float32)
+        acc = tl.zeros((BH, D), tl.float32)
+    if HAS_COUNT:
+        n = tl.load(CNT + b * sc_b + t)
+    elif causal_offset >= 0:
+        n = tl.minimum(KK, tl.program_id(0) + causal_offset + 1)
+    else:
+        n = KK
     idx_row = IDX + b * si_b + t * si_l
     kbase = K + b * sk_b + g * sk_h
     vbase = V + b * sv_b + g * sv_h
@@ -74,10 +91,9 @@ def _sparse_fwd_kernel(Q, K, V, IDX, Out, LSE, qk_scale,
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(Out + b * so_b + t * so_l + heads[:, None] * so_h + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=hmask[:, None])
+    tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=hmask[:, None])
     lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("inf"))
-    tl.store(LSE + b * sl_b + t * sl_l + heads, lse, mask=hmask)
+    tl.store(l_ptr, lse, mask=hmask)
 
 
 @triton.jit
@@ -144,65 +160,83 @@ def _block_h(g: int) -> int:
     return max(16, triton.next_power_of_2(g))
 
 
-def sparse_attention_fwd(q, k, v, idx, scale: float, causal_offset: int = -1, config: dict | None = None):
+def sparse_attention_fwd(q, k, v, idx, scale: float, causal_offset: int = -1, config: dict | None = None,
+                         split: TileSplit | None = None):
     """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] (any strides, D contiguous), idx [B, Lq, K] int32
-    -> out [B, Lq, Hq, D] (q dtype), lse [B, Lq, Hq] float32 (base 2; +inf for a query with no key)."""
+    -> out [B, Lq, Hq, D] (q dtype), lse [B, Lq, Hq] float32 (base 2; +inf for a query with no key).
+    With `split` (the tiles' shared keys of the same selection, `tile_split.split_tiles(idx)`), the shared keys go
+    through the tile kernel first and this kernel adds each query's private keys (idx is then unused)."""
     cfg = {**FWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, lq, hq, dtype=torch.float32, device=q.device)
+    counts = idx  # placeholder pointer when there are no counts
+    if split is not None:
+        shared_attention_fwd(q, k, v, split, scale, out, lse)
+        idx, counts = split.private_idx, split.private_count
     grid = (lq, hkv, b)
-    _sparse_fwd_kernel[grid](q, k, v, idx, out, lse, scale * LOG2E,
+    _sparse_fwd_kernel[grid](q, k, v, idx, counts, out, lse, scale * LOG2E,
                              q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                             v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1),
+                             v.stride(0), v.stride(1), v.stride(2), idx.stride(0), idx.stride(1), counts.stride(0),
                              out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
                              idx.shape[-1], causal_offset,
                              G=g, BH=_block_h(g), D=d, BK=cfg["block_k"], IEEE=q.dtype == torch.float32,
+                             HAS_COUNT=split is not None, HAS_INIT=split is not None,
                              num_warps=cfg["num_warps"],
                              num_stages=cfg["num_stages"])
     return out, lse
 
 
-def key_range_segments(idx: torch.Tensor, lk: int, key_range: int, causal_offset: int = -1):
+def key_range_segments(idx: torch.Tensor, lk: int, key_range: int, causal_offset: int = -1,
+                       counts: torch.Tensor | None = None):
     """Split every index row by key range for the backward's passes.
 
     idx [B, Lq, K] int32 -> (rows [B, Lq, K] int32, seg [B, Lq, P + 1] int32, P): pass p handles slots
     seg[..., p] .. seg[..., p + 1] of `rows`, whose keys all lie in [p * key_range, (p + 1) * key_range).
     With one pass (key_range <= 0 or >= lk) the rows are `idx` itself and its slots [0, n) (n as in the forward);
-    otherwise rows are sorted ascending with empty slots (-1) moved past the last segment."""
+    otherwise rows are sorted ascending with empty slots (-1) moved past the last segment. `counts` [B, Lq]: the
+    rows are already sorted and valid-first with counts[t] keys (a `TileSplit`'s private rows): no sort."""
     b, lq, kk = idx.shape
     n_pass = 1 if key_range <= 0 else max(1, -(-lk // key_range))
     if n_pass == 1:
         seg = torch.zeros(b, lq, 2, dtype=torch.int32, device=idx.device)
-        if causal_offset >= 0:
+        if counts is not None:
+            seg[..., 1] = counts
+        elif causal_offset >= 0:
             seg[..., 1] = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
         else:
             seg[..., 1] = kk
         return idx, seg, 1
-    rows = torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max).sort(dim=-1).values
+    rows = torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max)
+    if counts is None:
+        rows = rows.sort(dim=-1).values
     bounds = (torch.arange(n_pass + 1, device=idx.device, dtype=torch.int32) * key_range).clamp(max=lk)
     seg = torch.searchsorted(rows, bounds.expand(b, lq, n_pass + 1).contiguous(), out_int32=True)
     return rows, seg, n_pass
 
 
 def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offset: int = -1,
-                         config: dict | None = None):
+                         config: dict | None = None, split: TileSplit | None = None):
     """Gradients of `sparse_attention_fwd`: -> dq [B, Lq, Hq, D], dk/dv [B, Lk, Hkv, D] (input dtypes).
 
     dK/dV are summed with fp32 atomics. Their fp32 accumulators (1 KB per key and KV head) are far larger than L2 at
     long context, so a single pass sends every atomic to DRAM; the work is therefore split into passes over key
     ranges of `key_range` keys (config), each of which only touches accumulators that stay in L2. dQ is then
-    summed over the passes in an fp32 buffer (one owner per row and pass: no atomics)."""
+    summed over the passes in an fp32 buffer (one owner per row and pass: no atomics). With `split` (as in the
+    forward), the private rows take this path and the tile kernel adds the shared keys' gradients."""
     cfg = {**BWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Lq, Hq]
-    rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset)
-    acc_dq = n_pass > 1
+    if split is not None:
+        rows, seg, n_pass = key_range_segments(split.private_idx, lk, cfg["key_range"], -1, split.private_count)
+    else:
+        rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset)
+    acc_dq = n_pass > 1 or split is not None
     dq = torch.zeros(b, lq, hq, d, dtype=torch.float32, device=q.device) if acc_dq else \
         torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
     dk = torch.zeros(b, lk, hkv, d, dtype=torch.float32, device=q.device)
@@ -220,22 +254,50 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
             seg.stride(0), seg.stride(1), t0, p,
             G=g, BH=_block_h(g), D=d, BK=cfg["block_k"], IEEE=q.dtype == torch.float32, ACC_DQ=acc_dq,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if split is not None:
+        shared_attention_bwd(q, k, v, split, dout, lse, delta, scale, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# Sharing keys within query tiles (`tile_split`): "auto" probes `probe_tiles` tiles spread over the sequence and
+# splits when at least `min_fraction` of their (query, key) pairs would be served by shared keys; "on" / "off".
+# block_m queries per tile, min_share queries that must select a key for it to be shared.
+SHARE_CONFIG = {"mode": "auto", "block_m": 16, "min_share": 4, "min_fraction": 0.3, "probe_tiles": 64}
+
+
+def plan_split(idx: torch.Tensor, config: dict | None = None) -> TileSplit | None:
+    """The tile split to use for idx [B, Lq, K] under SHARE_CONFIG (or `config`), or None for the per-query path."""
+    cfg = {**SHARE_CONFIG, **(config or {})}
+    if cfg["mode"] == "off" or idx.shape[1] < 2 * cfg["block_m"]:
+        return None
+    if cfg["mode"] == "auto":
+        n_tiles = idx.shape[1] // cfg["block_m"]
+        picks = torch.linspace(0, n_tiles - 1, min(n_tiles, cfg["probe_tiles"]), device=idx.device).long()
+        rows = (picks[:, None] * cfg["block_m"] + torch.arange(cfg["block_m"], device=idx.device)).reshape(-1)
+        probe = split_tiles(idx[:1, rows], cfg["block_m"], cfg["min_share"])
+        if probe.shared_fraction < cfg["min_fraction"]:
+            return None
+    elif cfg["mode"] != "on":
+        raise ValueError(f"SHARE_CONFIG mode must be auto, on or off, got {cfg['mode']!r}")
+    return split_tiles(idx, cfg["block_m"], cfg["min_share"])
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, scale, causal_offset):
-        out, lse = sparse_attention_fwd(q, k, v, idx, scale, causal_offset)
+    def forward(ctx, q, k, v, idx, scale, causal_offset, share):
+        split = plan_split(idx, share)
+        out, lse = sparse_attention_fwd(q, k, v, idx, scale, causal_offset, split=split)
         ctx.save_for_backward(q, k, v, idx, out, lse)
-        ctx.scale, ctx.causal_offset = scale, causal_offset
+        ctx.scale, ctx.causal_offset, ctx.split = scale, causal_offset, split
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, idx, out, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, dout, ctx.scale, ctx.causal_offset)
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, dout, ctx.scale, ctx.causal_offset,
+                                          split=ctx.split)
+        ctx.split = None
+        return dq, dk, dv, None, None, None, None
 
 
 def _d_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -243,12 +305,13 @@ def _d_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                     scale: float | None = None, causal_offset: int = -1) -> torch.Tensor:
+                     scale: float | None = None, causal_offset: int = -1, share: dict | None = None) -> torch.Tensor:
     """Differentiable sparse attention. q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (the transformers layout),
     idx [B, Lq, K] (-1 = empty) -> out [B, Lq, Hq, D]. causal_offset >= 0 promises valid-first index rows
-    holding at most t + causal_offset + 1 valid slots (what `indexer_topk` produces) so the kernels skip the rest."""
+    holding at most t + causal_offset + 1 valid slots (what `indexer_topk` produces) so the kernels skip the rest.
+    `share` overrides SHARE_CONFIG keys (tile sharing of keys between neighbouring queries; same result)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     idx = idx.to(torch.int32).contiguous()
     qt, kt, vt = (_d_contiguous(x.transpose(1, 2)) for x in (q, k, v))
-    return _SparseAttention.apply(qt, kt, vt, idx, float(scale), int(causal_offset))
+    return _SparseAttention.apply(qt, kt, vt, idx, float(scale), int(causal_offset), share)

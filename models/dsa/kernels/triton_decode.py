@@ -1,0 +1,97 @@
+"""One DSA decode step on the GPU: a new query token per sequence against its cached keys.
+
+1. `decode_select`: one Triton pass scores every cached index key for each sequence (spread over many programs,
+   the index keys are read once) and writes each score as an int64 sort key, the score's order-preserving bits
+   above the inverted key position; `torch.topk` on those keys gives the exact top-k with ties to the earlier key,
+   the rule of the prefill path (`indexer_topk`), so a cached decode step selects what a full forward selects.
+2. `decode_attention`: the selected K/V rows split into `n_split` slices (flash-decoding), each slice a
+   program per (slice, KV head, sequence) that serves all query heads of the group; the partial softmaxes are
+   merged by their log-sum-exp.
+Shapes: q [B, Hq, 1, D], k/v cache [B, Hkv, L, D] (transformers layout), index q [B, 1, H_I, d_I], index keys
+[B, L, d_I], weights [B, 1, H_I] -> out [B, 1, Hq, D].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_sparse_attention import LOG2E, _block_h, _sparse_fwd_kernel
+
+DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128}
+_LOW = (1 << 32) - 1
+
+
+@triton.jit
+def _decode_score_kernel(Q, K, W, KEYS, sq_b, sq_h, sk_b, sk_l, sw_b, skey_b, n_keys,
+                         H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                         IEEE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = pid * BN + tl.arange(0, BN)
+    offs_h = tl.arange(0, HP)
+    offs_d = tl.arange(0, D)
+    inb = cols < n_keys
+    kblk = tl.load(K + b * sk_b + cols[:, None].to(tl.int64) * sk_l + offs_d[None, :], mask=inb[:, None], other=0.0)
+    q = tl.load(Q + b * sq_b + offs_h[:, None] * sq_h + offs_d[None, :], mask=offs_h[:, None] < H, other=0.0)
+    w = tl.load(W + b * sw_b + offs_h, mask=offs_h < H, other=0.0)
+    if IEEE:
+        s = tl.dot(kblk, tl.trans(q), input_precision="ieee")
+    else:
+        s = tl.dot(kblk, tl.trans(q))
+    score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)  # [BN]
+    bits = score.to(tl.int32, bitcast=True)
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
+    key = (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))
+    tl.store(KEYS + b * skey_b + cols, key, mask=inb)
+
+
+def decode_select(qi: torch.Tensor, ki: torch.Tensor, wi: torch.Tensor, topk: int) -> torch.Tensor:
+    """qi [B, 1, H_I, d_I], ki [B, L, d_I], wi [B, 1, H_I] -> idx [B, 1, min(topk, L)] int32, every slot valid."""
+    b, _, h, d = qi.shape
+    n_keys = ki.shape[1]
+    kk = min(topk, n_keys)
+    if kk == n_keys:
+        return torch.arange(n_keys, device=qi.device, dtype=torch.int32).expand(b, 1, n_keys).contiguous()
+    qi, ki, wi = qi.contiguous(), ki.contiguous(), wi.float().contiguous()
+    keys = torch.empty(b, n_keys, dtype=torch.int64, device=qi.device)
+    bn = DECODE_CONFIG["block_n"]
+    _decode_score_kernel[(triton.cdiv(n_keys, bn), b)](
+        qi, ki, wi, keys, qi.stride(0), qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0), keys.stride(0),
+        n_keys, H=h, HP=max(16, triton.next_power_of_2(h)), D=d, BN=bn, IEEE=qi.dtype == torch.float32)
+    top = keys.topk(kk, dim=-1, sorted=False).values
+    return (_LOW - (top & _LOW)).to(torch.int32)[:, None, :]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float,
+                     slots_per_split: int | None = None) -> torch.Tensor:
+    """q [B, Hq, 1, D], k/v [B, Hkv, L, D], idx [B, 1, K] int32 (all valid) -> out [B, 1, Hq, D] (q dtype)."""
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    kk = idx.shape[-1]
+    per = slots_per_split or DECODE_CONFIG["slots_per_split"]
+    n_split = triton.cdiv(kk, per)
+    slices = torch.full((b, n_split * per), -1, dtype=torch.int32, device=q.device)
+    slices[:, :kk] = idx[:, 0]
+    slices = slices.view(b, n_split, per)
+    qt = q.transpose(1, 2)  # [B, 1, Hq, D]; the slice "rows" all read this one query (row stride 0)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)
+    part = torch.empty(b, n_split, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, n_split, hq, dtype=torch.float32, device=q.device)
+    _sparse_fwd_kernel[(n_split, hkv, b)](
+        qt, kt, vt, slices, slices, part, lse, scale * LOG2E,
+        qt.stride(0), 0, qt.stride(2), kt.stride(0), kt.stride(1), kt.stride(2),
+        vt.stride(0), vt.stride(1), vt.stride(2), slices.stride(0), slices.stride(1), 0,
+        part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), per, -1,
+        G=g, BH=_block_h(g), D=d, BK=min(per, 128), IEEE=q.dtype == torch.float32, HAS_COUNT=False,
+        HAS_INIT=False, num_warps=4, num_stages=2)
+    lse = torch.where(torch.isinf(lse), float("-inf"), lse)  # +inf marks an empty slice: no weight
+    weight = torch.softmax(lse * (1.0 / LOG2E), dim=1)  # [B, S, Hq]
+    return (weight[..., None] * part).sum(1, keepdim=True).to(q.dtype)
+
+
+def decode_step(q, k, v, qi, ki, wi, topk: int, scale: float) -> torch.Tensor:
+    """The whole DSA decode step (module docstring): -> out [B, 1, Hq, D]."""
+    return decode_attention(q, k, v, decode_select(qi, ki, wi, topk), scale)
