@@ -148,6 +148,13 @@ def aggregate_token_loss(loss: torch.Tensor, mask: torch.Tensor, mode: str) -> t
     raise ValueError(f"unknown loss aggregation {mode!r}; use seq_mean_token_mean, token_mean or seq_mean_token_sum_norm")
 
 
+def per_sequence_weights(mask: torch.Tensor) -> torch.Tensor:
+    """`mask [B, T]` with each sequence's counted tokens weighted 1 / its length: `masked_mean(x, weights)` is then
+    `aggregate_token_loss(x, mask, "seq_mean_token_mean")` (each sequence's token mean, then the mean over the
+    sequences that have a counted token)."""
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1)
+
+
 def group_stats(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-response group mean, unbiased group std and group size of `values [B]`, by vectorised scatter."""
     _, inverse = torch.unique(group_ids, return_inverse=True)

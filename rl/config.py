@@ -241,6 +241,12 @@ class AlgorithmConfig:
         "over each routed teacher's top-k tokens plus a tail bucket (needs teachers[].topk > 0).",
         default_factory=dict,
     )
+    logit_loss_agg: Literal["token_mean", "seq_mean_token_mean"] = _help(
+        "How the logit losses average over a mini-batch: 'token_mean' (every response token weighs the same, so "
+        "long answers carry most of the term) or 'seq_mean_token_mean' (each sequence's token mean, then the mean "
+        "over sequences: every prompt weighs the same, whatever its answer's length).",
+        default="token_mean",
+    )
     mismatch: Literal["none", "tis", "mask"] = _help(
         "Sampler/trainer log-prob mismatch: 'tis' weights tokens by min(pi_old/pi_sampler, mismatch_cap); "
         "'mask' drops tokens whose ratio leaves [mismatch_low, mismatch_high] (MiMo-V2-Flash).",

@@ -33,7 +33,15 @@ from models.dsa import is_dsa_model
 from models.moe_experts import use_permute_experts
 from models.packing import budget_batches, pack_shared, resolve_attention, set_attention
 from models.policy_head import LogprobModel, ResponseLogprobs, decoder_layers
-from rl.algorithms import aggregate_token_loss, get_logit_loss, get_policy_loss, k3_kl, loss_units, masked_mean
+from rl.algorithms import (
+    aggregate_token_loss,
+    get_logit_loss,
+    get_policy_loss,
+    k3_kl,
+    loss_units,
+    masked_mean,
+    per_sequence_weights,
+)
 from rl.microbatch import micro_batches, partition_by_tokens, resolve_packing, shared_prompt_units
 from rl.rollouts import Rollouts
 from rl.schedule import lr_factor, schedule_for
@@ -277,6 +285,7 @@ class PolicyWorker:
                 "policy": loss_units(part.loss_mask, alg.loss_agg),
                 "tokens": float(part.response_mask.sum()),
                 "sequences": float(len(part)),
+                "answered": loss_units(part.response_mask, "seq_mean_token_mean"),  # sequences with a token
             }
             self.optimizer.zero_grad(set_to_none=True)
             groups = self._my_micro_batches(part)
@@ -310,17 +319,23 @@ class PolicyWorker:
             "policy": weight * loss_units(micro.loss_mask, alg.loss_agg) / max(units["policy"], 1e-9),
             "tokens": weight * float(micro.response_mask.sum()) / max(units["tokens"], 1e-9),
             "sequences": weight * len(micro) / units["sequences"],
+            "answered": weight * loss_units(micro.response_mask, "seq_mean_token_mean") / max(units["answered"], 1e-9),
         }
         entropy = masked_mean(out.entropy, micro.response_mask)
         total = loss * share["policy"]
         # each logged value is a mean over its own units, weighted like its loss term: sums over micro-batches
         # and ranks are then the whole mini-batch's means, however the rows were split
         logged = {k: v * share["policy"] for k, v in {**metrics, "actor/loss": float(loss.detach())}.items()}
+        logit_mask, logit_share = micro.response_mask, share["tokens"]
+        if alg.logit_loss_agg == "seq_mean_token_mean":
+            # tokens weighted 1/length: the losses' masked token mean becomes the mean over sequences of each
+            # sequence's token mean, and a micro-batch weighs its share of the mini-batch's answered sequences
+            logit_mask, logit_share = per_sequence_weights(micro.response_mask), share["answered"]
         for fn, w in self.logit_losses.values():
             teacher = {n: out.logprobs[..., s : s + micro.teacher_topk_ids[n].shape[-1]] for n, s in spans.items()}
-            extra, extra_metrics = fn(teacher, micro, micro.response_mask, alg)
-            total = total + w * extra * share["tokens"]
-            logged.update({k: v * share["tokens"] for k, v in extra_metrics.items()})
+            extra, extra_metrics = fn(teacher, micro, logit_mask, alg)
+            total = total + w * extra * logit_share
+            logged.update({k: v * logit_share for k, v in extra_metrics.items()})
         if alg.entropy_coef:
             total = total - alg.entropy_coef * entropy * share["tokens"]
         if out.indexer_loss is not None:

@@ -250,6 +250,16 @@ def test_grpo_token_ratio_matches_hand_computation(agg):
     assert metrics["actor/clip_frac"] == pytest.approx(clipped / total)
 
 
+def test_per_sequence_weights_turn_a_token_mean_into_the_sequence_mean():
+    """What `algorithm.logit_loss_agg: seq_mean_token_mean` does to the logit losses' masked token mean."""
+    loss = torch.tensor(LOGP, dtype=torch.float64)
+    mask = torch.tensor(MASK, dtype=torch.float64)
+    mask[2] = 0.0  # a sequence with no counted token neither counts nor divides
+    weighted = algorithms.masked_mean(loss, algorithms.per_sequence_weights(mask))
+    assert float(weighted) == pytest.approx(float(algorithms.aggregate_token_loss(loss, mask, "seq_mean_token_mean")))
+    assert float(weighted) != pytest.approx(float(algorithms.aggregate_token_loss(loss, mask, "token_mean")))
+
+
 def test_grpo_default_aggregation_is_seq_mean_token_mean():
     default = run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, CFG)[0]
     explicit = run_loss("grpo", LOGP, OLD, ADV_VARY, MASK, {**CFG, "loss_agg": "seq_mean_token_mean"})[0]

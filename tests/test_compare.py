@@ -186,7 +186,7 @@ def test_demonstrations_source_keeps_answered_samples(workspace, tmp_path):
 
 def test_shipped_plans_load():
     plan = load_plan("configs/compare_tiny.yaml")
-    assert [m.kind for m in plan.methods.values()] == ["mopd", "mopd", "mopd", "mix_rl", "cascade_rl",
+    assert [m.kind for m in plan.methods.values()] == ["mopd", "mopd", "mopd", "mopd", "mix_rl", "cascade_rl",
                                                        "offpolicy_ft", "merge_average", "merge_task_arithmetic"]
     assert Path(plan.methods["mopd"].job["base"][0]).is_file()
     cross = load_plan("configs/compare_crossmodal_tiny.yaml")

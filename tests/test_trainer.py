@@ -144,16 +144,19 @@ def test_dsa_indexer_stages_train_what_they_should(workspace, stage, checkpointi
         assert changed - indexer
 
 
-def test_micro_batches_add_up_to_one_batch(workspace):
+@pytest.mark.parametrize("logit_agg", ["token_mean", "seq_mean_token_mean"])
+def test_micro_batches_add_up_to_one_batch(workspace, logit_agg):
     """Gradient accumulation over micro-batches of 3 sequences equals one micro-batch of the whole step (per-step
-    losses and the dense teacher KL term), since every term is weighted by its share of the step's units."""
-    dense = {"algorithm": {"advantage": "mopd", "policy_loss": "gspo_token", "logit_losses": {"teacher_kl": 0.5}},
+    losses and the dense teacher KL term), since every term is weighted by its share of the step's units: tokens
+    for the dense term by default, sequences under `algorithm.logit_loss_agg: seq_mean_token_mean`."""
+    dense = {"algorithm": {"advantage": "mopd", "policy_loss": "gspo_token", "logit_losses": {"teacher_kl": 0.5},
+                           "logit_loss_agg": logit_agg},
              "teachers": [
                  {"name": "vl", "path": str(workspace / "teacher_vl"), "domains": ["video"], "num_workers": 0, "topk": 4},
                  {"name": "text", "path": str(workspace / "teacher_text"), "domains": ["retrieval", "tool", "reasoning"],
                   "view": "text", "num_workers": 0, "topk": 4}]}
-    split = run(job(workspace, "split_micro", dense, ["trainer.steps=2", "trainer.micro_batch_size=3"]))
-    whole = run(job(workspace, "whole_micro", dense, ["trainer.steps=2", "trainer.micro_batch_size=64"]))
+    split = run(job(workspace, f"split_micro_{logit_agg}", dense, ["trainer.steps=2", "trainer.micro_batch_size=3"]))
+    whole = run(job(workspace, f"whole_micro_{logit_agg}", dense, ["trainer.steps=2", "trainer.micro_batch_size=64"]))
     def records(r):
         return [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(records(split), records(whole)):
