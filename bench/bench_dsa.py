@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.dsa.indexer import indexer_scores_ref  # noqa: E402
+from models.dsa.kernels import DENSE_CROSSOVER  # noqa: E402
 from models.dsa.kernels.triton_indexer import STATS as INDEXER_STATS  # noqa: E402
 from models.dsa.kernels.triton_indexer import indexer_topk  # noqa: E402
 from models.dsa.kernels.triton_sparse_attention import sparse_attention  # noqa: E402
@@ -284,6 +285,47 @@ def bench_decode(L: int, batch: int, topk: int) -> dict:
     return res
 
 
+def share_sweep(L: int, topk: int) -> None:
+    """Time tile-sharing settings (queries per tile, queries that must share a key, tile-kernel launch settings)
+    on the structured pattern at one length; the fastest forward+backward becomes the default for the table."""
+    import models.dsa.kernels.triton_shared_attention as sh
+    import models.dsa.kernels.triton_sparse_attention as sa
+
+    q, k, v, _, _, _ = inputs(L, L, torch.bfloat16, 77)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    idx = selection("structured", L, topk)
+    qs, ks, vs = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    gs = torch.randn(1, L, HQ, D, device="cuda", dtype=torch.bfloat16)
+    scale = 1 / math.sqrt(D)
+
+    def fb(share):
+        o = sa.sparse_attention(qs, ks, vs, idx, scale, causal_offset=0, share=share)
+        o.backward(gs)
+        qs.grad = ks.grad = vs.grad = None
+
+    best = (float("inf"), None)
+    for block_m, min_share in ((16, 4), (16, 2), (16, 8), (8, 2), (8, 4)):
+        share = {"mode": "on", "block_m": block_m, "min_share": min_share}
+        t0 = time.perf_counter()
+        split = sa.plan_split(idx, share)
+        torch.cuda.synchronize()
+        plan = (time.perf_counter() - t0) * 1e3
+        fwd = timeit(lambda s=split: sa.sparse_attention_fwd(qt, kt, vt, idx, scale, 0, split=s), 3)
+        ms = timeit(lambda s=share: fb(s), 3)
+        say(f"share sweep {L // 1024}K {share}: shared {split.shared_fraction:.2f}, plan {plan:.1f} ms, "
+            f"fwd (no planning) {fwd:.1f} ms, f+b (planning included) {ms:.1f} ms")
+        if ms < best[0]:
+            best = (ms, share)
+    sa.SHARE_CONFIG.update(best[1], mode="auto")
+    split = sa.plan_split(idx, dict(sa.SHARE_CONFIG, mode="on"))
+    out, lse = torch.empty_like(qt), torch.empty(1, L, HQ, device="cuda")
+    for cfg in ({"block_n": 64, "num_warps": 8, "num_stages": 2}, {"block_n": 32, "num_warps": 4, "num_stages": 2},
+                {"block_n": 64, "num_warps": 4, "num_stages": 3}, {"block_n": 128, "num_warps": 8, "num_stages": 2}):
+        ms = timeit(lambda c=cfg: sh.shared_attention_fwd(qt, kt, vt, split, scale, out, lse, c), 3)
+        say(f"share sweep {L // 1024}K tile forward kernel {cfg}: {ms:.1f} ms")
+    say(f"chosen: {sa.SHARE_CONFIG}")
+
+
 def indexer_variants(L: int, topk: int) -> None:
     """Time the selection's alternatives at one length (append modes, final cut, chunked path) and make the
     fastest the default for the table."""
@@ -423,6 +465,8 @@ def main() -> None:
     ap.add_argument("--decode-lengths", type=int, nargs="*", default=[32768, 131072],
                     help="cached tokens for the decode-step table (none: skip it)")
     ap.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--share-sweep", type=int, default=0,
+                    help="time tile-sharing settings on the structured pattern at this length first")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -443,6 +487,9 @@ def main() -> None:
         say(f"flash SDPA without enable_gqa ({str(e).splitlines()[0][:80]}); dense K/V are expanded")
     ok = True if args.skip_check else check_correctness()
     say(f"correctness: {'ALL PASS' if ok else 'FAILURES'}")
+    if args.share_sweep:
+        share_sweep(args.share_sweep, args.topk)
+        torch.cuda.empty_cache()
     if args.indexer_variants:
         indexer_variants(args.indexer_variants, args.topk)
     if args.sweep_length:
@@ -460,8 +507,9 @@ def main() -> None:
         t0 = time.time()
         try:
             new_rows = bench_length(L, args.topk, args.patterns)
-        except torch.cuda.OutOfMemoryError as e:  # report and go on to the table
-            say(f"| {L // 1024}K | OOM: {str(e).splitlines()[0]} |")
+        except Exception as e:  # out of memory or a kernel failure: report it and go on to the next length
+            say(f"| {L // 1024}K | {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} |")
+            torch.cuda.empty_cache()
             continue
         rows += new_rows
         for r in new_rows:
@@ -473,15 +521,26 @@ def main() -> None:
         say(DECODE_HEADER)
         for L in args.decode_lengths:
             for batch in args.decode_batches:
-                decode_rows.append(bench_decode(L, batch, args.topk))
+                try:
+                    decode_rows.append(bench_decode(L, batch, args.topk))
+                except Exception as e:  # report and go on
+                    say(f"| {L // 1024}K | {batch} | {type(e).__name__}: {str(e).splitlines()[0][:300]} |")
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
                 say(decode_row(decode_rows[-1]))
-                torch.cuda.empty_cache()
     say("")
     say(f"== table ({torch.cuda.get_device_name()}, batch 1, Hq=32 Hkv=4 D=128, top-k {args.topk}, "
         f"indexer {HI}x{DI}, bf16, causal; tile sharing {sa_share()})")
     say(HEADER)
     for r in rows:
         say(row(r))
+    for pattern in args.patterns:  # where DSA stops losing to dense: the basis of kernels.DENSE_CROSSOVER
+        won = [r["L"] for r in rows if r["pattern"] == pattern and r["x_fwd_flash"] >= 1 and r["x_fb_flash"] >= 1
+               and r["x_fwd_cudnn"] >= 1 and r["x_fb_cudnn"] >= 1]
+        say(f"crossover ({pattern}): DSA no slower than flash and cuDNN, fwd and fwd+bwd, from "
+            f"{min(won) // 1024 if won else '-'}K of the lengths run (kernels.DENSE_CROSSOVER = "
+            f"{DENSE_CROSSOVER // 1024}K)")
     if SELECTION_ROWS:
         say("")
         say(f"== selection, indexer {HI}x{DI} + top-k {args.topk} ({torch.cuda.get_device_name()}): bf16 against "

@@ -286,3 +286,17 @@ def test_30b_a3b_config_on_meta_device():
     assert 0.4e9 < vision < 0.7e9, vision
     assert len(dsa.dsa_attention_modules(model)) == 48
     assert model.config.dsa["topk"] == 2048
+
+
+def test_dense_below_is_validated_and_saved_with_the_model(tmp_path):
+    from models.dsa.config import DSAConfig
+
+    assert DSAConfig().dense_below == 0  # exact top-k semantics unless asked
+    assert DSAConfig(dense_below="auto").dense_below == "auto"
+    for bad in (-1, "sometimes", 1.5):
+        with pytest.raises(ValueError, match="dense_below"):
+            DSAConfig(dense_below=bad)
+    model = transformers.AutoModelForCausalLM.from_config(dsa.tiny_text_config("qwen3"))
+    dsa.attach_dsa(model, topk=4, index_heads=2, index_head_dim=8, dense_below="auto")
+    model.save_pretrained(tmp_path)
+    assert dsa.load_dsa_model(tmp_path).config.dsa["dense_below"] == "auto"

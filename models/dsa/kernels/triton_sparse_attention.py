@@ -287,7 +287,8 @@ class _SparseAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, idx, scale, causal_offset, share):
         split = plan_split(idx, share)
         out, lse = sparse_attention_fwd(q, k, v, idx, scale, causal_offset, split=split)
-        ctx.save_for_backward(q, k, v, idx, out, lse)
+        # with a split the backward reads its lists, not idx ([B, Lq, K] int32: 1 GiB at 128K tokens)
+        ctx.save_for_backward(q, k, v, idx if split is None else idx[:, :0], out, lse)
         ctx.scale, ctx.causal_offset, ctx.split = scale, causal_offset, split
         return out
 
