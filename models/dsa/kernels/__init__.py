@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import torch
 
-# below this many positions a query attends densely on the kernel path (DSAConfig.dense_below = "auto"): the length
-# where DSA's prefill (selection + sparse attention) stops being slower than dense SDPA, bench/bench_dsa.py
-DENSE_CROSSOVER = 65536
+# below this position a query attends densely on the kernel path (DSAConfig.dense_below = "auto"). From the
+# H100 table of bench/bench_dsa.py (docs/dsa.md, round 2): per query at position t, dense attention costs a*t,
+# DSA b*t (selection: scores against every earlier key) + c*k (sparse attention); fitted on the 128K random-pattern
+# rows, a = 2.84e-8 ms, b = 1.25e-8 ms, c*k = 6.0e-4 ms (fwd) and 3.5e-3 ms with a' = 1.06e-7 ms (fwd+bwd): both
+# cross at t* = 37.7K positions; rounded down to a multiple of 4096
+DENSE_CROSSOVER = 36864
 
 
 def available() -> bool:
