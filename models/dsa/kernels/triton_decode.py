@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_sparse_attention import LOG2E, _block_h, _sparse_fwd_kernel
+from .triton_common import LOG2E
+from .triton_sparse_attention import _block_h, _sparse_fwd_kernel
 
 DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128}
 _LOW = (1 << 32) - 1

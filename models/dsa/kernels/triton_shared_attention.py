@@ -20,18 +20,10 @@ import triton
 import triton.language as tl
 
 from .tile_split import TileSplit
+from .triton_common import LOG2E, _dot, _softmax_step
 
-LOG2E = 1.4426950408889634
 SHARED_FWD_CONFIG = {"block_n": 64, "num_warps": 8, "num_stages": 2}
 SHARED_BWD_CONFIG = {"block_n": 32, "num_warps": 8, "num_stages": 2}
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -73,16 +65,8 @@ def _shared_fwd_kernel(Q, K, V, SIDX, SMASK, SCNT, Out, LSE, qk_scale,
         bits = tl.load(mrow + offs_n, mask=inb, other=0)
         allowed = ((bits[None, :] >> qi[:, None]) & 1) != 0
         kt = tl.load(kbase + ids[:, None] * sk_l + offs_d[None, :], mask=inb[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(vbase + ids[:, None] * sv_l + offs_d[None, :], mask=inb[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, kt, vt, allowed, m_i, l_i, acc, qk_scale, IEEE)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(Out + b * so_b + t[:, None] * so_l + heads[:, None] * so_h + offs_d[None, :],

@@ -18,23 +18,14 @@ import triton
 import triton.language as tl
 
 from .tile_split import TileSplit, split_tiles
+from .triton_common import LOG2E, _dot, _softmax_step
 from .triton_shared_attention import shared_attention_bwd, shared_attention_fwd
 
-LOG2E = 1.4426950408889634
 # launch settings (block of gathered keys, warps, pipeline depth); chosen from the sweep in bench/bench_dsa.py
 # under the constraint of no register spills (checked with cuobjdump -res-usage on sm_90 builds)
 FWD_CONFIG = {"block_k": 128, "num_warps": 4, "num_stages": 2}
 # key_range: keys per backward pass (0 = one pass over all keys); see sparse_attention_bwd
 BWD_CONFIG = {"block_k": 32, "num_warps": 4, "num_stages": 2, "key_range": 16384}
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """tl.dot, in true fp32 for fp32 inputs (the float32 checks), tensor-core bf16/tf32 otherwise."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -79,16 +70,8 @@ def _sparse_fwd_kernel(Q, K, V, IDX, CNT, Out, LSE, qk_scale,
         valid = ids >= 0
         ids64 = tl.where(valid, ids, 0).to(tl.int64)
         kt = tl.load(kbase + ids64[:, None] * sk_l + offs_d[None, :], mask=valid[:, None], other=0.0)
-        s = _dot(q, tl.trans(kt), IEEE) * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
         vt = tl.load(vbase + ids64[:, None] * sv_l + offs_d[None, :], mask=valid[:, None], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, kt, vt, valid[None, :], m_i, l_i, acc, qk_scale, IEEE)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(o_ptr, out.to(Out.dtype.element_ty), mask=hmask[:, None])
