@@ -187,7 +187,9 @@ def test_demonstrations_source_keeps_answered_samples(workspace, tmp_path):
 def test_shipped_plans_load():
     plan = load_plan("configs/compare_tiny.yaml")
     assert [m.kind for m in plan.methods.values()] == ["mopd", "mopd", "mopd", "mopd", "mix_rl", "cascade_rl",
-                                                       "offpolicy_ft", "merge_average", "merge_task_arithmetic"]
+                                                       "offpolicy_ft", "offpolicy_ft", "merge_average",
+                                                       "merge_task_arithmetic"]
+    assert plan.methods["offpolicy_ft_seq"].job["algorithm"] == {"loss_agg": "seq_mean_token_mean"}
     assert Path(plan.methods["mopd"].job["base"][0]).is_file()
     cross = load_plan("configs/compare_crossmodal_tiny.yaml")
     assert cross.student.source() == "config" and cross.domains["tool"].teacher.source() == "config"
