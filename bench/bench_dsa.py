@@ -271,8 +271,18 @@ def bench_decode(L: int, batch: int, topk: int) -> dict:
             say(f"  decode SDPA {name} unavailable: {str(e).splitlines()[0][:100]}")
             res[f"sdpa_{name}"] = float("nan")
     res["sdpa"] = min(x for x in (res["sdpa_flash"], res["sdpa_cudnn"], res["sdpa_efficient"]) if x == x)
-    res["select"] = graph_time_ms(lambda: decode_select(qi, ki, wi, topk))
+    import models.dsa.kernels.triton_decode as td
+
+    segs = {}
+    default = td.DECODE_CONFIG["segments"]
+    for n_seg in (1, 8, 32):  # the top-k of each row in one piece or cut into pieces; the fastest is used below
+        td.DECODE_CONFIG["segments"] = n_seg
+        segs[n_seg] = graph_time_ms(lambda: decode_select(qi, ki, wi, topk))
+    td.DECODE_CONFIG["segments"] = min(segs, key=segs.get)
+    res["segments"] = {**segs, "chosen": td.DECODE_CONFIG["segments"]}
+    res["select"] = segs[td.DECODE_CONFIG["segments"]]
     res["dsa"] = graph_time_ms(lambda: decode_step(q, k, v, qi, ki, wi, topk, scale))
+    td.DECODE_CONFIG["segments"] = default
     res["x"] = res["sdpa"] / res["dsa"]
     # correctness on these inputs: the selection is the exact top-k of the float64 scores' ranking within fp32
     # rounding (sum of chosen scores), the attention the float64 reference over the chosen keys
@@ -330,8 +340,9 @@ def share_sweep(L: int, topk: int) -> None:
 
 
 def indexer_variants(L: int, topk: int) -> None:
-    """Time the selection's alternatives at one length (append modes, final cut, chunked path) and make the
-    fastest the default for the table."""
+    """Time the selection's alternatives at one length (append modes, final cut, chunked path; the append mode and
+    final cut that are fastest become the defaults for the table) and its speed and peak memory against
+    SELECT_MEMORY (reported only: the default trades speed for memory)."""
     import models.dsa.kernels.triton_indexer as ti
 
     _, _, _, qi, ki, wi = inputs(L, L, torch.bfloat16, 1234 + L)
@@ -346,6 +357,13 @@ def indexer_variants(L: int, topk: int) -> None:
         appends[mode] = timeit(lambda: indexer_topk(qi, ki, wi, topk), 3)
     ti.SELECT_APPEND = min(appends, key=appends.get)
     chunked = timeit(lambda: indexer_topk(qi, ki, wi, topk, method="chunked"), 3)
+    default_mem = ti.SELECT_MEMORY
+    for mem_gib in (0.5, 1, 2, 4, 64):  # candidate lists held at once (64 GiB: every row at once, round 1)
+        ti.SELECT_MEMORY = int(mem_gib * 2**30)
+        ms = timeit(lambda: indexer_topk(qi, ki, wi, topk), 3)
+        say(f"selection at {L // 1024}K with SELECT_MEMORY {mem_gib} GiB: {ms:.1f} ms, peak "
+            f"{peak(lambda: indexer_topk(qi, ki, wi, topk)):.2f} GiB")
+    ti.SELECT_MEMORY = default_mem
     INDEXER_STATS["profile"] = True
     indexer_topk(qi, ki, wi, topk)
     INDEXER_STATS["profile"] = False
@@ -532,7 +550,9 @@ def main() -> None:
                     continue
                 finally:
                     torch.cuda.empty_cache()
-                say(decode_row(decode_rows[-1]))
+                seg = decode_rows[-1]["segments"]
+                say(decode_row(decode_rows[-1]) + f"  (select ms by top-k pieces: "
+                    f"{', '.join(f'{n}: {t:.3f}' for n, t in seg.items() if n != 'chosen')} -> {seg['chosen']})")
     say("")
     say(f"== table ({torch.cuda.get_device_name()}, batch 1, Hq=32 Hkv=4 D=128, top-k {args.topk}, "
         f"indexer {HI}x{DI}, bf16, causal; tile sharing {sa_share()})")

@@ -156,11 +156,16 @@ def test_tile_shared_keys_give_the_reference_result(pattern, dtype, block_m, key
 
 
 @pytest.mark.parametrize("n_keys,topk", [(700, 64), (5000, 2048), (40, 64)])
-def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk):
+@pytest.mark.parametrize("segments", [1, 8])
+def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk, segments, monkeypatch):
     """One decode step: the exact top-k (ties, e.g. repeated keys and ReLU zeros, to the earlier key as in the
-    reference) and sparse attention over it, split into slices and merged, equal to the float64 reference."""
+    reference; the row's top-k in one piece or in 8), and sparse attention over it, split into slices and merged,
+    equal to the float64 reference."""
+    import models.dsa.kernels.triton_decode as td
     from models.dsa.indexer import topk_indices_ref
     from models.dsa.kernels.triton_decode import decode_attention, decode_select
+
+    monkeypatch.setitem(td.DECODE_CONFIG, "segments", segments)
 
     g = torch.Generator(device="cuda").manual_seed(n_keys)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731

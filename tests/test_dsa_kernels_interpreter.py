@@ -57,10 +57,13 @@ b, n, topk = 2, 300, 32
 qi, ki, wi = torch.randn(b, 1, 4, 64, generator=g), torch.randn(b, n, 64, generator=g), torch.randn(b, 1, 4, generator=g)
 ki[:, 10:30] = ki[:, 5:6]  # tied scores go to the earlier key
 wi[1] = -wi[1].abs()  # all-negative weights: ReLU zeros tie everywhere
-idx = decode_select(qi, ki, wi, topk)
+import models.dsa.kernels.triton_decode as td
 ref_idx = topk_indices_ref(dsa.indexer_scores_ref(qi, ki, wi), allowed_mask(None, b, 1, n, qi.device), topk)
-for i in range(b):
-    assert set(idx[i, 0].tolist()) == set(ref_idx[i, 0].tolist()), i
+for segments in (1, 4):  # the row's top-k in one piece, or in four pieces then merged
+    td.DECODE_CONFIG["segments"] = segments
+    idx = decode_select(qi, ki, wi, topk)
+    for i in range(b):
+        assert set(idx[i, 0].tolist()) == set(ref_idx[i, 0].tolist()), (segments, i)
 q, k, v = torch.randn(b, 8, 1, 32, generator=g), torch.randn(b, 2, n, 32, generator=g), torch.randn(b, 2, n, 32, generator=g)
 out = decode_attention(q, k, v, idx, 1 / math.sqrt(32), slots_per_split=16)
 ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), 1 / math.sqrt(32))

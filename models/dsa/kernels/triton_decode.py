@@ -20,7 +20,8 @@ import triton.language as tl
 from .triton_common import LOG2E
 from .triton_sparse_attention import _block_h, _sparse_fwd_kernel
 
-DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128}
+# segments: pieces the top-k of one long row is cut into (`_topk_keys`); measured by bench/bench_dsa.py
+DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128, "segments": 1}
 _LOW = (1 << 32) - 1
 
 
@@ -61,8 +62,23 @@ def decode_select(qi: torch.Tensor, ki: torch.Tensor, wi: torch.Tensor, topk: in
     _decode_score_kernel[(triton.cdiv(n_keys, bn), b)](
         qi, ki, wi, keys, qi.stride(0), qi.stride(2), ki.stride(0), ki.stride(1), wi.stride(0), keys.stride(0),
         n_keys, H=h, HP=max(16, triton.next_power_of_2(h)), D=d, BN=bn, IEEE=qi.dtype == torch.float32)
-    top = keys.topk(kk, dim=-1, sorted=False).values
+    top = _topk_keys(keys, kk, DECODE_CONFIG["segments"])
     return (_LOW - (top & _LOW)).to(torch.int32)[:, None, :]
+
+
+def _topk_keys(keys: torch.Tensor, kk: int, segments: int) -> torch.Tensor:
+    """The kk largest of each row of keys [B, L] (distinct int64). With segments > 1 the row is cut into that many
+    pieces, each piece's top kk (or all of it) taken in parallel, then the top kk of those: the same set, since
+    every global top-kk key is in its piece's top kk; more parallel work for one long row (batch-1 decode)."""
+    b, n = keys.shape
+    seg_len = -(-n // max(1, segments))
+    if segments <= 1 or seg_len <= kk:
+        return keys.topk(kk, dim=-1, sorted=False).values
+    pad = seg_len * segments - n
+    if pad:
+        keys = torch.cat([keys, keys.new_full((b, pad), torch.iinfo(torch.int64).min)], dim=1)
+    part = keys.view(b, segments, seg_len).topk(kk, dim=-1, sorted=False).values
+    return part.reshape(b, segments * kk).topk(kk, dim=-1, sorted=False).values
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor, scale: float,
