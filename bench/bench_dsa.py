@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.dsa.indexer import indexer_scores_ref  # noqa: E402
 from models.dsa.kernels import DENSE_CROSSOVER  # noqa: E402
+from models.dsa.kernels.tile_split import STATS as SPLIT_STATS  # noqa: E402
 from models.dsa.kernels.triton_indexer import STATS as INDEXER_STATS  # noqa: E402
 from models.dsa.kernels.triton_indexer import indexer_topk  # noqa: E402
 from models.dsa.kernels.triton_sparse_attention import sparse_attention  # noqa: E402
@@ -213,6 +214,11 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
         split = sa.plan_split(idx)
         torch.cuda.synchronize()
         r["plan_ms"] = (time.perf_counter() - t0) * 1e3
+        if split is not None:  # where the split's time goes, stage by stage (its torch ops)
+            SPLIT_STATS["profile"] = True
+            sa.plan_split(idx)
+            SPLIT_STATS["profile"] = False
+            r["split_stages"] = dict(SPLIT_STATS["stage_ms"])
         r["shared"] = split.shared_fraction if split is not None else 0.0
 
         def fwd(share=None, idx=idx):
@@ -535,6 +541,8 @@ def main() -> None:
         rows += new_rows
         for r in new_rows:
             check = f", tile vs per-query output rel diff {r['tile_rel']:.1e}" if "tile_rel" in r else ""
+            if "split_stages" in r:
+                check += "; split stages ms: " + " ".join(f"{k}={v:.1f}" for k, v in r["split_stages"].items())
             say(row(r) + f"  (split planning {r['plan_ms']:.1f} ms{check}; {time.time() - t0:.0f}s)")
         torch.cuda.empty_cache()
     decode_rows = []
