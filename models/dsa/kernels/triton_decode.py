@@ -43,6 +43,7 @@ def _decode_score_kernel(Q, K, W, KEYS, sq_b, sq_h, sk_b, sk_l, sw_b, skey_b, n_
     else:
         s = tl.dot(kblk, tl.trans(q))
     score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)  # [BN]
+    score = tl.where(score == 0.0, 0.0, score)  # -0.0 (all-zero terms, negative weights) ties with +0.0
     bits = score.to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
     key = (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))
