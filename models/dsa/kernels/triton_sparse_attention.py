@@ -242,18 +242,23 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-# Sharing keys within query tiles (`tile_split`): "auto" probes `probe_tiles` tiles spread over the sequence and
-# splits when at least `min_fraction` of their (query, key) pairs would be served by shared keys; "on" / "off".
-# block_m queries per tile, min_share queries that must select a key for it to be shared.
-SHARE_CONFIG = {"mode": "auto", "block_m": 16, "min_share": 4, "min_fraction": 0.3, "probe_tiles": 64}
+# Sharing keys within query tiles (`tile_split`): "auto" splits when a backward follows and a probe of
+# `probe_tiles` tiles spread over the sequence finds at least `min_fraction` of their (query, key) pairs served by
+# shared keys; "on" / "off" always / never. block_m queries per tile, min_share queries that must select a key for
+# it to be shared. Measured (H100, docs/dsa.md round 2): the split (torch ops) costs more than the tile kernels
+# save in a forward alone at every length, and halves fwd+bwd at 0.76 sharing; 0.34 was even.
+SHARE_CONFIG = {"mode": "auto", "block_m": 16, "min_share": 4, "min_fraction": 0.5, "probe_tiles": 64}
 
 
-def plan_split(idx: torch.Tensor, config: dict | None = None) -> TileSplit | None:
-    """The tile split to use for idx [B, Lq, K] under SHARE_CONFIG (or `config`), or None for the per-query path."""
+def plan_split(idx: torch.Tensor, config: dict | None = None, backward: bool = True) -> TileSplit | None:
+    """The tile split to use for idx [B, Lq, K] under SHARE_CONFIG (or `config`), or None for the per-query path;
+    `backward`: whether a backward pass will reuse it (mode "auto" splits only then)."""
     cfg = {**SHARE_CONFIG, **(config or {})}
     if cfg["mode"] == "off" or idx.shape[1] < 2 * cfg["block_m"]:
         return None
     if cfg["mode"] == "auto":
+        if not backward:
+            return None
         n_tiles = idx.shape[1] // cfg["block_m"]
         picks = torch.linspace(0, n_tiles - 1, min(n_tiles, cfg["probe_tiles"]), device=idx.device).long()
         rows = (picks[:, None] * cfg["block_m"] + torch.arange(cfg["block_m"], device=idx.device)).reshape(-1)
@@ -268,7 +273,7 @@ def plan_split(idx: torch.Tensor, config: dict | None = None) -> TileSplit | Non
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, scale, causal_offset, share):
-        split = plan_split(idx, share)
+        split = plan_split(idx, share, backward=any(ctx.needs_input_grad[:3]))
         out, lse = sparse_attention_fwd(q, k, v, idx, scale, causal_offset, split=split)
         # with a split the backward reads its lists, not idx ([B, Lq, K] int32: 1 GiB at 128K tokens)
         ctx.save_for_backward(q, k, v, idx if split is None else idx[:, :0], out, lse)
