@@ -125,11 +125,11 @@ def peak(fn) -> float:
     return peak_gib(fn, torch.device("cuda"))
 
 
-def dense_times(L: int, reps: int) -> dict:
-    """flash (native GQA) and cuDNN (expanded K/V) SDPA, causal: fwd and fwd+bwd ms, peak GiB of the faster f+b."""
+def dense_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reps: int) -> dict:
+    """flash (native GQA) and cuDNN (expanded K/V) SDPA, causal, on q [1, Hq, L, D], k/v [1, Hkv, L, D]: fwd and
+    fwd+bwd ms, peak GiB of the faster f+b."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v, _, _, _ = inputs(L, L, torch.bfloat16, 1234 + L)
     g = HQ // HKV
     ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # expanded outside the timed region
     gd = torch.randn_like(q)
@@ -192,8 +192,8 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
     import models.dsa.kernels.triton_sparse_attention as sa
 
     reps = 3 if L >= 65536 else 5
-    dense = dense_times(L, reps)
     q, k, v, qi, ki, wi = inputs(L, L, torch.bfloat16, 1234 + L)
+    dense = dense_times(q, k, v, reps)
     scale = 1 / math.sqrt(D)
     select_ms = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=False), reps)  # streaming selection, bf16
     select_fp8 = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=True), reps)

@@ -103,12 +103,17 @@ def test_sparse_backward_key_range_passes_match_reference(key_range):
         assert _rel(a, b) < 1e-4
 
 
-def test_model_kernel_path_equals_dense_when_k_covers_length():
+def _tiny_moe_on_cuda():
+    """A seeded tiny Qwen3-MoE (8 query / 2 KV heads of 16) on CUDA in eval mode, before DSA is attached."""
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
+    return transformers.AutoModelForCausalLM.from_config(
         dsa.tiny_text_config("qwen3_moe", num_attention_heads=8, num_key_value_heads=2, head_dim=16)).cuda().eval()
+
+
+def test_model_kernel_path_equals_dense_when_k_covers_length():
+    model = _tiny_moe_on_cuda()
     ids = torch.randint(0, 100, (1, 40), device="cuda")
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -190,11 +195,7 @@ def test_generation_with_cached_decode_kernel_equals_full_forwards(dense_below):
     """generate() with the KV cache (each new token through the decode kernel) gives the tokens of generate()
     without a cache (each step a full forward through the prefill kernels), with k smaller than the context;
     with dense_below inside the generated span, the dense/top-k boundary moves through the decode steps."""
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        dsa.tiny_text_config("qwen3_moe", num_attention_heads=8, num_key_value_heads=2, head_dim=16)).cuda().eval()
+    model = _tiny_moe_on_cuda()
     ids = torch.randint(0, 100, (1, 30), device="cuda")
     with torch.no_grad():
         dense_logits = model(input_ids=ids).logits

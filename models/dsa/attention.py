@@ -110,12 +110,13 @@ class DSAAttentionMixin:
             out, _ = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
             if loss_mode is not None:
                 self._dense_warmup_loss(q, k, qi, ki, wi, attention_mask)
-        elif loss_mode is None and _use_kernels(self, q, attention_mask):
-            out = self._kernel_forward(q, k, v, qi, ki, wi)
         elif _use_kernels(self, q, attention_mask):
-            idx = kernels.indexer_topk(qi, ki, wi, cfg.topk)
-            out = kernels.sparse_attention(q, k, v, idx, self.scaling, causal_offset=lk - lq)
-            self._sparse_loss(q, k, qi, ki, wi, idx.long(), None)
+            if loss_mode is None:
+                out = self._kernel_forward(q, k, v, qi, ki, wi)
+            else:  # the indexer's loss needs every query's top-k
+                idx = kernels.indexer_topk(qi, ki, wi, cfg.topk)
+                out = kernels.sparse_attention(q, k, v, idx, self.scaling, causal_offset=lk - lq)
+                self._sparse_loss(q, k, qi, ki, wi, idx.long(), None)
         else:
             allowed = allowed_mask(attention_mask, b, lq, lk, q.device)
             with torch.no_grad():

@@ -21,13 +21,6 @@ import torch
 _CHUNK = 8192  # rows generated at a time (bounds the int64 temporaries)
 
 
-def _valid_first(rows: torch.Tensor) -> torch.Tensor:
-    """Sort each row ascending, empty (-1) slots last; rows [n, k] int64 -> int32."""
-    big = torch.iinfo(torch.int32).max
-    srt = torch.where(rows >= 0, rows, big).sort(-1).values
-    return torch.where(srt == big, -1, srt).to(torch.int32)
-
-
 def _drop_duplicates(rows: torch.Tensor) -> torch.Tensor:
     """rows [n, k] int64 with -1 empties -> the same rows, each key once (later copies set to -1), valid-first."""
     big = torch.iinfo(torch.int64).max

@@ -20,34 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .stage_clock import StageClock
+
 _BIG = torch.iinfo(torch.int32).max
 # profile=True (CUDA): split_tiles records the milliseconds of its stages, summed over chunks, in stage_ms
 STATS: dict = {"profile": False, "stage_ms": {}}
-
-
-class _Clock:
-    """CUDA-event marks between the split's stages, summed per stage name; a no-op unless STATS['profile']."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.on = STATS["profile"] and device.type == "cuda"
-        self.last = None
-        self.events: list = []
-
-    def mark(self, name: str | None) -> None:
-        if self.on:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            if self.last is not None and name is not None:
-                self.events.append((name, self.last, e))
-            self.last = e
-
-    def finish(self) -> None:
-        if self.on:
-            torch.cuda.synchronize()
-            total: dict[str, float] = {}
-            for name, a, b in self.events:
-                total[name] = total.get(name, 0.0) + a.elapsed_time(b)
-            STATS["stage_ms"] = total
 
 
 @dataclass
@@ -72,7 +49,7 @@ class TileSplit:
         return self.shared_pairs / max(self.total_pairs, 1)
 
 
-def _split_chunk(rows: torch.Tensor, last: torch.Tensor, block_m: int, min_share: int, clock: _Clock):
+def _split_chunk(rows: torch.Tensor, last: torch.Tensor, min_share: int, clock: StageClock):
     """rows [n, block_m, K] int32 sorted ascending (empty = _BIG); last [n] index of each tile's last valid row.
     -> shared keys [n, K] sorted (_BIG past the shared ones), their masks [n, K], private rows [n, block_m, K]
     sorted (_BIG empty), and the number of (query, key) pairs the shared keys serve (0-d tensor)."""
@@ -111,13 +88,13 @@ def split_tiles(idx: torch.Tensor, block_m: int = 16, min_share: int = 4, chunk_
     sh_mask = torch.zeros(b, n_tiles, kk, dtype=torch.int32, device=dev)
     pr_idx = torch.empty(b, n_tiles * block_m, kk, dtype=torch.int32, device=dev)
     shared_pairs = torch.zeros((), dtype=torch.int64, device=dev)
-    clock = _Clock(dev)
+    clock = StageClock(STATS, dev)
     for bi in range(b):
         for t0 in range(0, n_tiles, chunk_tiles):
             t1 = min(n_tiles, t0 + chunk_tiles)
             r0, r1 = t0 * block_m, min(length, t1 * block_m)
             rows = idx[bi, r0:r1]
-            clock.mark(None)
+            clock.mark()
             rows = torch.where(rows >= 0, rows, _BIG).sort(-1).values
             clock.mark("sort rows")
             if r1 - r0 < (t1 - t0) * block_m:  # the last tile is partial: empty rows
@@ -126,7 +103,7 @@ def split_tiles(idx: torch.Tensor, block_m: int = 16, min_share: int = 4, chunk_
             last = torch.full((t1 - t0,), block_m - 1, dtype=torch.long, device=dev)
             if t1 == n_tiles and pad:
                 last[-1] = block_m - 1 - pad
-            keys, bits, private, pairs = _split_chunk(tiles, last, block_m, min_share, clock)
+            keys, bits, private, pairs = _split_chunk(tiles, last, min_share, clock)
             shared_pairs += pairs
             sh_idx[bi, t0:t1] = torch.where(keys == _BIG, -1, keys)
             sh_mask[bi, t0:t1] = torch.where(keys == _BIG, 0, bits)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .stage_clock import StageClock
 from .triton_topk import row_topk_, slots_topk32
 
 # fallback_rows: rows the last streaming call redid exactly; with profile=True the streaming path records the
@@ -40,25 +41,6 @@ SELECT_CONFIG = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2}
 INDEXER_FP8 = False
 # bytes of candidate lists held at once: the streaming selection works on blocks of rows that fit
 SELECT_MEMORY = 1 << 30
-
-
-class _Stages:
-    """CUDA-event marks between the stages of the streaming path, only when STATS['profile'] is on."""
-
-    def __init__(self) -> None:
-        self.on = STATS["profile"]
-        self.marks: list = []
-
-    def mark(self, name: str) -> None:
-        if self.on:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            self.marks.append((name, e))
-
-    def finish(self) -> None:
-        if self.on and self.marks:
-            torch.cuda.synchronize()
-            STATS["stage_ms"] = {n: a.elapsed_time(b) for (_, a), (n, b) in zip(self.marks, self.marks[1:])}
 
 
 @triton.jit
@@ -296,8 +278,8 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
     cap = 2 * kk
     j = -(-3 * kk // (2 * sub_stride))  # ~1.5 k of the row's keys lie above the j-th best of the subsample
     n_sub_all = -(-lk // sub_stride)  # keys 0, s, 2s, ... read in place by the score kernel
-    marks = _Stages()
-    marks.mark("start")
+    marks = StageClock(STATS, dev)
+    marks.mark()
     tau = torch.empty(b, lq, dtype=torch.float32, device=dev)
     chunk = max(64, (max_chunk_elems // max(1, b * n_sub_all)) // 64 * 64)
     buf = torch.empty(b * min(chunk, n_rows) * n_sub_all, dtype=torch.float32, device=dev)
