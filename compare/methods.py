@@ -210,8 +210,8 @@ def with_lr(name: str, spec: MethodSpec, lr: float | None) -> tuple[str, MethodS
 
 def choose_lr(cmp, name: str, spec: MethodSpec) -> float | None:
     """`lr_sweep`: each learning rate trained in the first seed, scored on the training split; the best normalized
-    score there wins (never the held-out sets). None without a sweep."""
-    if not spec.lr_sweep:
+    score there wins (never the held-out sets). None without a sweep, or with the plan's sweeps off."""
+    if not spec.lr_sweep or not cmp.plan.sweep_learning_rates:
         return None
     seed = cmp.plan.seeds[0]
 

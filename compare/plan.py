@@ -125,6 +125,10 @@ class ComparePlan:
                                 default_factory=lambda: BudgetSpec(300, 40, 40))
     eval_every_updates: int = option("Held-out evaluation of trained methods every N updates (the curves); the "
                                      "end is always evaluated.", default=100, ge=0)
+    sweep_learning_rates: bool = option(
+        "Run the methods' `lr_sweep`s (the first seed trains every rate). false: each method trains at its own "
+        "`job.optim.lr` only; a plan whose rates are the ones its sweep chose then reruns its seeds without the "
+        "sweep's extra runs.", default=True)
     stage_steps_scale: float = option("Multiplies trainer.steps of the student and teacher jobs (smoke runs; "
                                       "external `config` stages are run as they are).", default=1.0, gt=0)
 

@@ -142,6 +142,14 @@ def test_toy_comparison_runs_every_method_and_caches(workspace, tmp_path):
     assert main(["compare", str(plan)]) == 0  # the command line: everything cached
     assert main(["check", str(plan)]) == 0
 
+    # sweeps off: the method trains once, at its own rate, under its plain name; nothing else retrains
+    unswept: list[str] = []
+    no_sweep = run_compare(str(plan), ["sweep_learning_rates=false"], log=unswept.append)
+    assert [line for line in unswept if "training ->" in line] == [
+        f"[compare] s0/mix_rl: training -> {root / 's0' / 'mix_rl'}"]
+    assert "mix_rl (lr" not in (out / "table.md").read_text()
+    assert no_sweep["methods"]["mopd"] == summary["methods"]["mopd"]
+
     # a cached stage under a changed job is refused with the key named, not silently reused
     with pytest.raises(ConfigError, match="optim.lr"):
         run_compare(str(plan), ["methods.mix_rl.job.optim.lr=0.5"], log=lambda _line: None)
