@@ -280,16 +280,17 @@ def bench_decode(L: int, batch: int, topk: int) -> dict:
     res["sdpa"] = min(x for x in (res["sdpa_flash"], res["sdpa_cudnn"], res["sdpa_efficient"]) if x == x)
     import models.dsa.kernels.triton_decode as td
 
-    segs = {}
-    default = td.DECODE_CONFIG["segments"]
-    for n_seg in (1, 8, 32):  # the top-k of each row in one piece or cut into pieces; the fastest is used below
-        td.DECODE_CONFIG["segments"] = n_seg
-        segs[n_seg] = graph_time_ms(lambda: decode_select(qi, ki, wi, topk))
-    td.DECODE_CONFIG["segments"] = min(segs, key=segs.get)
-    res["segments"] = {**segs, "chosen": td.DECODE_CONFIG["segments"]}
-    res["select"] = segs[td.DECODE_CONFIG["segments"]]
+    ways = {}  # the radix select; torch.topk of each row in one piece or cut into pieces. The fastest is used
+    default = dict(td.DECODE_CONFIG)
+    for name, select, n_seg in (("radix", "radix", 1), ("torch", "torch", 1), ("torch/8", "torch", 8),
+                                ("torch/32", "torch", 32)):
+        td.DECODE_CONFIG.update(select=select, segments=n_seg)
+        ways[name] = (graph_time_ms(lambda: decode_select(qi, ki, wi, topk)), select, n_seg)
+    chosen = min(ways, key=lambda n: ways[n][0])
+    td.DECODE_CONFIG.update(select=ways[chosen][1], segments=ways[chosen][2])
+    res["ways"] = {**{n: t for n, (t, _, _) in ways.items()}, "chosen": chosen}
+    res["select"] = ways[chosen][0]
     res["dsa"] = graph_time_ms(lambda: decode_step(q, k, v, qi, ki, wi, topk, scale))
-    td.DECODE_CONFIG["segments"] = default
     res["x"] = res["sdpa"] / res["dsa"]
     # correctness on these inputs: the selection is the exact top-k of the float64 scores' ranking within fp32
     # rounding (sum of chosen scores), the attention the float64 reference over the chosen keys
@@ -302,6 +303,12 @@ def bench_decode(L: int, batch: int, topk: int) -> dict:
     out = decode_step(q, k, v, qi, ki, wi, topk, scale)
     ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), scale)
     res["out_rel"] = rel(out, ref)
+    picked = {}
+    for select in ("radix", "torch"):  # the two selections agree exactly (as sets) on these inputs
+        td.DECODE_CONFIG.update(select=select, segments=1)
+        picked[select] = decode_select(qi, ki, wi, topk).sort(-1).values
+    res["radix_equal"] = bool(torch.equal(picked["radix"], picked["torch"]))
+    td.DECODE_CONFIG.update(default)
     return res
 
 
@@ -480,7 +487,7 @@ def sa_share() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--sweep-length", type=int, default=0,
@@ -560,9 +567,10 @@ def main() -> None:
                     continue
                 finally:
                     torch.cuda.empty_cache()
-                seg = decode_rows[-1]["segments"]
-                say(decode_row(decode_rows[-1]) + f"  (select ms by top-k pieces: "
-                    f"{', '.join(f'{n}: {t:.3f}' for n, t in seg.items() if n != 'chosen')} -> {seg['chosen']})")
+                ways = decode_rows[-1]["ways"]
+                say(decode_row(decode_rows[-1]) + f"  (select ms: "
+                    f"{', '.join(f'{n}: {t:.3f}' for n, t in ways.items() if n != 'chosen')} -> {ways['chosen']}; "
+                    f"radix = torch selection: {decode_rows[-1]['radix_equal']})")
     say("")
     say(f"== table ({torch.cuda.get_device_name()}, batch 1, Hq=32 Hkv=4 D=128, top-k {args.topk}, "
         f"indexer {HI}x{DI}, bf16, causal; tile sharing {sa_share()})")

@@ -161,16 +161,17 @@ def test_tile_shared_keys_give_the_reference_result(pattern, dtype, block_m, key
 
 
 @pytest.mark.parametrize("n_keys,topk", [(700, 64), (5000, 2048), (40, 64)])
-@pytest.mark.parametrize("segments", [1, 8])
-def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk, segments, monkeypatch):
+@pytest.mark.parametrize("select,segments", [("torch", 1), ("torch", 8), ("radix", 1)])
+def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk, select, segments, monkeypatch):
     """One decode step: the exact top-k (ties, e.g. repeated keys and ReLU zeros, to the earlier key as in the
-    reference; the row's top-k in one piece or in 8), and sparse attention over it, split into slices and merged,
-    equal to the float64 reference."""
+    reference; torch.topk of the row in one piece or in 8, or the radix select), and sparse attention over it,
+    split into slices and merged, equal to the float64 reference."""
     import models.dsa.kernels.triton_decode as td
     from models.dsa.indexer import topk_indices_ref
     from models.dsa.kernels.triton_decode import decode_attention, decode_select
 
     monkeypatch.setitem(td.DECODE_CONFIG, "segments", segments)
+    monkeypatch.setitem(td.DECODE_CONFIG, "select", select)
 
     g = torch.Generator(device="cuda").manual_seed(n_keys)
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
@@ -178,6 +179,7 @@ def test_decode_step_selects_and_attends_like_the_reference(n_keys, topk, segmen
     qi, ki, wi = r(b, 1, 4, 64), r(b, n_keys, 64), r(b, 1, 4)
     ki[:, 10:30] = ki[:, 5:6]  # tied scores
     wi[1] = -wi[1].abs()  # one sequence of all-negative weights: exact zeros tie everywhere
+    ki[2, n_keys // 3:] = ki[2, 7]  # most keys equal
     idx = decode_select(qi, ki, wi, topk)
     allowed = allowed_mask(None, b, 1, n_keys, qi.device)
     ref_idx = topk_indices_ref(dsa.indexer_scores_ref(qi, ki, wi), allowed, topk)

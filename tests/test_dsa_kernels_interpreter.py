@@ -53,21 +53,30 @@ from models.dsa.indexer import topk_indices_ref
 from models.dsa.kernels.triton_decode import decode_attention, decode_select
 from models.dsa.reference import allowed_mask, sparse_attention_ref
 g = torch.Generator().manual_seed(0)
-b, n, topk = 2, 300, 32
+b, n, topk = 3, 300, 32
 qi, ki, wi = torch.randn(b, 1, 4, 64, generator=g), torch.randn(b, n, 64, generator=g), torch.randn(b, 1, 4, generator=g)
 ki[:, 10:30] = ki[:, 5:6]  # tied scores go to the earlier key
 wi[1] = -wi[1].abs()  # all-negative weights: ReLU zeros tie everywhere
+ki[2, 100:] = ki[2, 50]  # most keys equal: the radix select's earliest-position pass
 import models.dsa.kernels.triton_decode as td
-ref_idx = topk_indices_ref(dsa.indexer_scores_ref(qi, ki, wi), allowed_mask(None, b, 1, n, qi.device), topk)
-for segments in (1, 4):  # the row's top-k in one piece, or in four pieces then merged
-    td.DECODE_CONFIG["segments"] = segments
-    idx = decode_select(qi, ki, wi, topk)
-    for i in range(b):
-        assert set(idx[i, 0].tolist()) == set(ref_idx[i, 0].tolist()), (segments, i)
+import models.dsa.kernels.triton_decode_radix as tr
+tr.RADIX_CONFIG.update(chunk=64, block_n=32, block=64)  # several programs per row, several steps per pass
+for n_, k_ in ((300, 32), (1000, 200), (257, 256)):
+    ki_ = torch.cat([ki] * 4, 1)[:, :n_]
+    ref_idx = topk_indices_ref(dsa.indexer_scores_ref(qi, ki_, wi), allowed_mask(None, b, 1, n_, qi.device), k_)
+    # torch.topk of the row in one piece or in four pieces then merged; the radix select
+    for select, segments in (("torch", 1), ("torch", 4), ("radix", 1)):
+        td.DECODE_CONFIG.update(select=select, segments=segments)
+        idx = decode_select(qi, ki_, wi, k_)
+        for i in range(b):
+            assert idx[i, 0].unique().numel() == k_, (select, n_, i)
+            assert set(idx[i, 0].tolist()) == set(ref_idx[i, 0].tolist()), (select, segments, n_, i)
 q, k, v = torch.randn(b, 8, 1, 32, generator=g), torch.randn(b, 2, n, 32, generator=g), torch.randn(b, 2, n, 32, generator=g)
-out = decode_attention(q, k, v, idx, 1 / math.sqrt(32), slots_per_split=16)
-ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), 1 / math.sqrt(32))
-assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+for k_sel in (32, 24):  # whole slices of 16, and a last slice padded with empty slots
+    idx = decode_select(qi, ki, wi, k_sel)
+    out = decode_attention(q, k, v, idx, 1 / math.sqrt(32), slots_per_split=16)
+    ref = sparse_attention_ref(q.double(), k.double(), v.double(), idx.long(), 1 / math.sqrt(32))
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5, k_sel
 print("ok")
 """
 

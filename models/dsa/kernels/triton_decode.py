@@ -1,12 +1,13 @@
 """One DSA decode step on the GPU: a new query token per sequence against its cached keys.
 
-1. `decode_select`: one Triton pass scores every cached index key for each sequence (spread over many programs,
-   the index keys are read once) and writes each score as an int64 sort key, the score's order-preserving bits
-   above the inverted key position; `torch.topk` on those keys gives the exact top-k with ties to the earlier key,
-   the rule of the prefill path (`indexer_topk`), so a cached decode step selects what a full forward selects.
+1. `decode_select`: the exact top-k of the cached index keys' scores, ties to the earlier key, the rule of the
+   prefill path (`indexer_topk`), so a cached decode step selects what a full forward selects. `select: radix`
+   (`triton_decode_radix`): a radix select spread over the row, three launches. `select: torch`: one Triton pass
+   writes each score as an int64 sort key (the score's order-preserving bits above the inverted key position)
+   and `torch.topk` takes the largest (optionally in `segments` pieces first).
 2. `decode_attention`: the selected K/V rows split into `n_split` slices (flash-decoding), each slice a
    program per (slice, KV head, sequence) that serves all query heads of the group; the partial softmaxes are
-   merged by their log-sum-exp.
+   merged by their log-sum-exp (`_merge_kernel`).
 Shapes: q [B, Hq, 1, D], k/v cache [B, Hkv, L, D] (transformers layout), index q [B, 1, H_I, d_I], index keys
 [B, L, d_I], weights [B, 1, H_I] -> out [B, 1, Hq, D].
 """
@@ -18,10 +19,12 @@ import triton
 import triton.language as tl
 
 from .triton_common import LOG2E
+from .triton_decode_radix import radix_decode_select
 from .triton_sparse_attention import _block_h, _sparse_fwd_kernel
 
-# segments: pieces the top-k of one long row is cut into (`_topk_keys`); measured by bench/bench_dsa.py
-DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128, "segments": 1}
+# select: "radix" or "torch" (module docstring); segments: pieces the torch top-k of one long row is cut into
+# (`_topk_keys`); both measured by bench/bench_dsa.py
+DECODE_CONFIG = {"block_n": 128, "slots_per_split": 128, "segments": 1, "select": "torch"}
 _LOW = (1 << 32) - 1
 
 
@@ -58,6 +61,10 @@ def decode_select(qi: torch.Tensor, ki: torch.Tensor, wi: torch.Tensor, topk: in
     if kk == n_keys:
         return torch.arange(n_keys, device=qi.device, dtype=torch.int32).expand(b, 1, n_keys).contiguous()
     qi, ki, wi = qi.contiguous(), ki.contiguous(), wi.float().contiguous()
+    if DECODE_CONFIG["select"] == "radix":
+        return radix_decode_select(qi, ki, wi, kk)
+    if DECODE_CONFIG["select"] != "torch":
+        raise ValueError(f"DECODE_CONFIG['select'] must be 'radix' or 'torch', got {DECODE_CONFIG['select']!r}")
     keys = torch.empty(b, n_keys, dtype=torch.int64, device=qi.device)
     bn = DECODE_CONFIG["block_n"]
     _decode_score_kernel[(triton.cdiv(n_keys, bn), b)](
@@ -91,9 +98,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
     kk = idx.shape[-1]
     per = slots_per_split or DECODE_CONFIG["slots_per_split"]
     n_split = triton.cdiv(kk, per)
-    slices = torch.full((b, n_split * per), -1, dtype=torch.int32, device=q.device)
-    slices[:, :kk] = idx[:, 0]
-    slices = slices.view(b, n_split, per)
+    if kk == n_split * per:  # whole slices: the index rows as they are
+        slices = idx.reshape(b, n_split, per)
+    else:
+        slices = torch.full((b, n_split * per), -1, dtype=torch.int32, device=q.device)
+        slices[:, :kk] = idx[:, 0]
+        slices = slices.view(b, n_split, per)
     qt = q.transpose(1, 2)  # [B, 1, Hq, D]; the slice "rows" all read this one query (row stride 0)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)
     part = torch.empty(b, n_split, hq, d, dtype=torch.float32, device=q.device)
@@ -105,9 +115,31 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: tor
         part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1), per, -1,
         G=g, BH=_block_h(g), D=d, BK=min(per, 128), IEEE=q.dtype == torch.float32, HAS_COUNT=False,
         HAS_INIT=False, num_warps=4, num_stages=2)
-    lse = torch.where(torch.isinf(lse), float("-inf"), lse)  # +inf marks an empty slice: no weight
-    weight = torch.softmax(lse * (1.0 / LOG2E), dim=1)  # [B, S, Hq]
-    return (weight[..., None] * part).sum(1, keepdim=True).to(q.dtype)
+    out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=q.device)
+    _merge_kernel[(hq, b)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), lse.stride(0),
+                           lse.stride(1), out.stride(0), out.stride(2), n_split,
+                           SP=max(2, triton.next_power_of_2(n_split)), D=d, num_warps=4)
+    return out
+
+
+@triton.jit
+def _merge_kernel(PART, LSE, OUT, sp_b, sp_s, sp_h, sl_b, sl_s, so_b, so_h, n_split,
+                  SP: tl.constexpr, D: tl.constexpr):
+    """out[b, 0, h] = sum_s w_s part[b, s, h] with w = softmax over the slices of their log-sum-exp (base-2
+    units; +inf marks an empty slice, which gets no weight). part [B, S, Hq, D] fp32, lse [B, S, Hq]."""
+    h = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, SP)
+    offs_d = tl.arange(0, D)
+    ms = offs_s < n_split
+    lse = tl.load(LSE + b * sl_b + offs_s * sl_s + h, mask=ms, other=float("-inf"))
+    lse = tl.where(lse == float("inf"), float("-inf"), lse)
+    top = tl.max(lse, 0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - top))
+    part = tl.load(PART + b * sp_b + offs_s[:, None] * sp_s + h * sp_h + offs_d[None, :], mask=ms[:, None],
+                   other=0.0)
+    out = tl.sum(w[:, None] * part, 0) / tl.sum(w, 0)
+    tl.store(OUT + b * so_b + h * so_h + offs_d, out.to(OUT.dtype.element_ty))
 
 
 def decode_step(q, k, v, qi, ki, wi, topk: int, scale: float) -> torch.Tensor:
