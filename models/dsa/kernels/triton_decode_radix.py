@@ -100,6 +100,15 @@ def _pick_kernel(U, HIST, OUT, CAND, su_b, sh_b, so_b, sc_b, n_keys, chunk, KK, 
 
 
 @triton.jit
+def _candidates(CAND, U, b, sc_b, su_b, s0, n_cand, BLOCK: tl.constexpr):
+    """Candidates s0 .. s0 + BLOCK of row b: (in range, position, unsigned key)."""
+    offs = s0 + tl.arange(0, BLOCK)
+    m = offs < n_cand
+    pos = tl.load(CAND + b * sc_b + offs, mask=m, other=0)
+    return m, pos, _unsigned(tl.load(U + b * su_b + pos, mask=m, other=0))
+
+
+@triton.jit
 def _finish_kernel(U, HIST, OUT, CAND, su_b, sh_b, so_b, sc_b, KK, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     bins = tl.arange(0, 4096)
@@ -110,20 +119,14 @@ def _finish_kernel(U, HIST, OUT, CAND, su_b, sh_b, so_b, sc_b, KK, BLOCK: tl.con
     # level 2: bits 8..19 of the candidates' keys
     hist2 = tl.zeros([4096], tl.int32)
     for s0 in range(0, n_cand, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        m = offs < n_cand
-        pos = tl.load(CAND + b * sc_b + offs, mask=m, other=0)
-        u = _unsigned(tl.load(U + b * su_b + pos, mask=m, other=0))
+        m, pos, u = _candidates(CAND, U, b, sc_b, su_b, s0, n_cand, BLOCK)
         hist2 += tl.histogram(((u >> 8) & 4095).to(tl.int32), 4096, mask=m)
     t2, above2 = _threshold_bin(hist2, need, 4096)
     need2 = need - above2
     # level 3: the low 8 bits of the candidates in bin t2
     hist3 = tl.zeros([256], tl.int32)
     for s0 in range(0, n_cand, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        m = offs < n_cand
-        pos = tl.load(CAND + b * sc_b + offs, mask=m, other=0)
-        u = _unsigned(tl.load(U + b * su_b + pos, mask=m, other=0))
+        m, pos, u = _candidates(CAND, U, b, sc_b, su_b, s0, n_cand, BLOCK)
         hist3 += tl.histogram((u & 255).to(tl.int32), 256, mask=m & (((u >> 8) & 4095) == t2))
     t3, above3 = _threshold_bin(hist3, need2, 256)
     n_tie = tl.sum(tl.where(tl.arange(0, 256) == t3, hist3, 0), 0)
@@ -136,10 +139,8 @@ def _finish_kernel(U, HIST, OUT, CAND, su_b, sh_b, so_b, sc_b, KK, BLOCK: tl.con
         for level in tl.static_range(3):
             hp = tl.zeros([1024], tl.int32)
             for s0 in range(0, n_cand, BLOCK):
-                offs = s0 + tl.arange(0, BLOCK)
-                m = offs < n_cand
-                pos = tl.load(CAND + b * sc_b + offs, mask=m, other=0).to(tl.int64)
-                u = _unsigned(tl.load(U + b * su_b + pos, mask=m, other=0))
+                m, pos, u = _candidates(CAND, U, b, sc_b, su_b, s0, n_cand, BLOCK)
+                pos = pos.to(tl.int64)
                 same = (pos >> (30 - 10 * level)) == (last >> (30 - 10 * level))  # the bits fixed so far
                 hp += tl.histogram(((pos >> (20 - 10 * level)) & 1023).to(tl.int32), 1024,
                                    mask=m & (u == thr) & same)
@@ -149,10 +150,7 @@ def _finish_kernel(U, HIST, OUT, CAND, su_b, sh_b, so_b, sc_b, KK, BLOCK: tl.con
             last = last | (pb.to(tl.int64) << (20 - 10 * level))
     n_out = above1
     for s0 in range(0, n_cand, BLOCK):
-        offs = s0 + tl.arange(0, BLOCK)
-        m = offs < n_cand
-        pos = tl.load(CAND + b * sc_b + offs, mask=m, other=0)
-        u = _unsigned(tl.load(U + b * su_b + pos, mask=m, other=0))
+        m, pos, u = _candidates(CAND, U, b, sc_b, su_b, s0, n_cand, BLOCK)
         sel = (m & ((u > thr) | ((u == thr) & (pos.to(tl.int64) <= last)))).to(tl.int32)
         tl.store(OUT + b * so_b + n_out + tl.cumsum(sel, 0) - 1, pos, mask=sel > 0)
         n_out += tl.sum(sel, 0)
