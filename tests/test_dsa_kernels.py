@@ -72,10 +72,11 @@ def test_sparse_attention_forward_backward(lq, lk, topk, dtype):
         assert _rel(a, b) < tol
 
 
-@pytest.mark.parametrize("key_range", [0, 128, 1000])
-def test_sparse_backward_key_range_passes_match_reference(key_range):
+@pytest.mark.parametrize("key_range,dq_rows", [(0, 0), (128, 100), (1000, 0)])
+def test_sparse_backward_key_range_passes_match_reference(key_range, dq_rows):
     """The backward split into passes over key ranges (sorted index rows, dQ summed over passes) gives the
-    reference gradients; 128 keys per pass means 11 passes here, with many segments shorter than a block."""
+    reference gradients; 128 keys per pass means 11 passes here, with many segments shorter than a block, and
+    dQ summed for 100 rows at a time (the causal offset puts early passes' first rows in later row blocks)."""
     from models.dsa.kernels.triton_indexer import indexer_topk
     from models.dsa.kernels.triton_sparse_attention import (key_range_segments, sparse_attention_bwd,
                                                              sparse_attention_fwd)
@@ -95,7 +96,8 @@ def test_sparse_backward_key_range_passes_match_reference(key_range):
             assert ((rows[inside] >= p * key_range) & (rows[inside] < (p + 1) * key_range)).all()
     out, lse = sparse_attention_fwd(q, k, v, idx, 0.088, lk - lq)
     go = torch.randn_like(out)
-    dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, go, 0.088, lk - lq, {"key_range": key_range})
+    dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, go, 0.088, lk - lq,
+                                      {"key_range": key_range, "dq_rows": dq_rows})
     q64, k64, v64 = (x.double().transpose(1, 2).requires_grad_() for x in (q, k, v))
     ref = sparse_attention_ref(q64, k64, v64, idx.long(), 0.088)
     ref.backward(go.double())
@@ -129,14 +131,16 @@ def test_model_kernel_path_equals_dense_when_k_covers_length():
 
 @pytest.mark.parametrize("pattern", ["structured", "random"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_m,key_range", [(16, 0), (8, 1024)])
-def test_tile_shared_keys_give_the_reference_result(pattern, dtype, block_m, key_range, monkeypatch):
+@pytest.mark.parametrize("block_m,key_range,dq_rows", [(16, 0, 0), (8, 1024, 1000)])
+def test_tile_shared_keys_give_the_reference_result(pattern, dtype, block_m, key_range, dq_rows, monkeypatch):
     """Keys shared by a tile of queries through the tile kernel, the rest per query: output and gradients equal
-    the float64 reference (and so the per-query path), for both selection patterns, one and several key passes."""
+    the float64 reference (and so the per-query path), for both selection patterns, one and several key passes
+    (the fp32 dQ of every row at once, or of 1,000 rows at a time)."""
     import models.dsa.kernels.triton_sparse_attention as sa
     from models.dsa.patterns import random_selection, structured_selection
 
     monkeypatch.setitem(sa.BWD_CONFIG, "key_range", key_range)
+    monkeypatch.setitem(sa.BWD_CONFIG, "dq_rows", dq_rows)
     lq, topk = 3000, 256
     if pattern == "structured":
         idx = structured_selection(lq, topk, window=64, salient_blocks=4, block=16, segment=1024, n_random=128,

@@ -25,16 +25,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TILE = """
 import math, torch
-from models.dsa.kernels.triton_sparse_attention import sparse_attention
+from models.dsa.kernels.triton_sparse_attention import BWD_CONFIG, sparse_attention
 from models.dsa.patterns import random_selection, structured_selection
 from models.dsa.reference import sparse_attention_ref
 torch.manual_seed(0)
 L, k, D = 160, 32, 16
-for idx in (structured_selection(L, k, window=8, salient_blocks=2, block=4, segment=64, n_random=16),
-            random_selection(L, k)):
+# one backward pass with every row's dQ at once; key-range passes with dQ held for 36 rows (40 with tiles of 8)
+cases = [(idx, mode, passes) for idx in (structured_selection(L, k, window=8, salient_blocks=2, block=4,
+                                                              segment=64, n_random=16), random_selection(L, k))
+         for mode in ("on", "off") for passes in ({"key_range": 0, "dq_rows": 0}, {"key_range": 48, "dq_rows": 36})]
+for idx, mode, passes in cases:
+    BWD_CONFIG.update(passes)
     q, kk, v = torch.randn(1, 4, L, D), torch.randn(1, 2, L, D), torch.randn(1, 2, L, D)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, kk, v))
-    out = sparse_attention(qr, kr, vr, idx, causal_offset=0, share={"mode": "on", "block_m": 8, "min_share": 2})
+    out = sparse_attention(qr, kr, vr, idx, causal_offset=0, share={"mode": mode, "block_m": 8, "min_share": 2})
     g = torch.randn_like(out)
     out.backward(g)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, kk, v))
@@ -42,7 +46,7 @@ for idx in (structured_selection(L, k, window=8, salient_blocks=2, block=4, segm
     ref.backward(g.double())
     for a, b in ((out, ref), (qr.grad, q64.grad), (kr.grad, k64.grad), (vr.grad, v64.grad)):
         err = ((a.double() - b).norm() / b.norm()).item()
-        assert err < 1e-5, err
+        assert err < 1e-5, (mode, passes, err)
 print("ok")
 """
 

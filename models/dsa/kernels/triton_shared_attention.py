@@ -79,10 +79,11 @@ def _shared_fwd_kernel(Q, K, V, SIDX, SMASK, SCNT, Out, LSE, qk_scale,
 def _shared_bwd_kernel(Q, K, V, SIDX, SMASK, SCNT, DO, LSE, DELTA, DQ, DK, DV, qk_scale, sm_scale,
                        sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
                        ss_b, ss_t, sc_b, sdo_b, sdo_l, sdo_h, sl_b, sl_l,
-                       sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h, Lq,
+                       sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h, Lq, tile0, dq_row0,
                        G: tl.constexpr, BM: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
                        IEEE: tl.constexpr):
-    tile = tl.program_id(0)
+    """Tiles tile0 + program 0, 1, ...; DQ holds rows dq_row0 onwards (a block of rows' fp32 accumulator)."""
+    tile = tile0 + tl.program_id(0)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n = tl.load(SCNT + b * sc_b + tile)
@@ -120,7 +121,7 @@ def _shared_bwd_kernel(Q, K, V, SIDX, SMASK, SCNT, DO, LSE, DELTA, DQ, DK, DV, q
             dv_c = _dot(tl.trans(pr.to(do.dtype)), do, IEEE)
             tl.atomic_add(dkbase + ids[:, None] * sdk_l + offs_d[None, :], dk_c, mask=inb[:, None], sem="relaxed")
             tl.atomic_add(dvbase + ids[:, None] * sdk_l + offs_d[None, :], dv_c, mask=inb[:, None], sem="relaxed")
-        dq_ptr = DQ + b * sdq_b + t[:, None] * sdq_l + heads[:, None] * sdq_h + offs_d[None, :]
+        dq_ptr = DQ + b * sdq_b + (t - dq_row0)[:, None] * sdq_l + heads[:, None] * sdq_h + offs_d[None, :]
         tl.store(dq_ptr, tl.load(dq_ptr, mask=rvalid[:, None], other=0.0) + dq * sm_scale, mask=rvalid[:, None])
 
 
@@ -147,20 +148,25 @@ def shared_attention_fwd(q, k, v, split: TileSplit, scale: float, out: torch.Ten
 
 
 def shared_attention_bwd(q, k, v, split: TileSplit, dout, lse, delta, scale: float, dq: torch.Tensor,
-                         dk: torch.Tensor, dv: torch.Tensor, config: dict | None = None) -> None:
-    """Adds the shared keys' gradients: dq [B, Lq, Hq, D] fp32 (+=), dk/dv [B, Lk, Hkv, D] fp32 (atomic +=).
-    lse [B, Lq, Hq] is the final (whole-selection) base-2 log-sum-exp, delta [B, Lq, Hq] = rowsum(dO * O)."""
+                         dk: torch.Tensor, dv: torch.Tensor, config: dict | None = None,
+                         tiles: tuple[int, int] | None = None) -> None:
+    """Adds the shared keys' gradients: dq (+=, fp32), dk/dv [B, Lk, Hkv, D] fp32 (atomic +=). lse [B, Lq, Hq]
+    is the final (whole-selection) base-2 log-sum-exp, delta [B, Lq, Hq] = rowsum(dO * O). `tiles` (t0, t1):
+    only those tiles, and dq [B, rows, Hq, D] holds their rows from t0 * block_m on; default every tile, dq
+    [B, Lq, Hq, D]."""
     cfg = {**SHARED_BWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    n_tiles = split.shared_idx.shape[1]
-    _shared_bwd_kernel[(n_tiles, hkv, b)](
+    t0, t1 = tiles or (0, split.shared_idx.shape[1])
+    if t1 <= t0:
+        return
+    _shared_bwd_kernel[(t1 - t0, hkv, b)](
         q, k, v, split.shared_idx, split.shared_mask, split.shared_count, dout, lse, delta, dq, dk, dv,
         scale * LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), split.shared_idx.stride(0), split.shared_idx.stride(1),
         split.shared_count.stride(0), dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), lq,
-        G=g, BM=split.block_m, R=_rows(split.block_m, g), D=d, BN=cfg["block_n"], IEEE=q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2), lq, t0,
+        t0 * split.block_m, G=g, BM=split.block_m, R=_rows(split.block_m, g), D=d, BN=cfg["block_n"],
+        IEEE=q.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -24,8 +24,9 @@ from .triton_shared_attention import shared_attention_bwd, shared_attention_fwd
 # launch settings (block of gathered keys, warps, pipeline depth); chosen from the sweep in bench/bench_dsa.py
 # under the constraint of no register spills (checked with cuobjdump -res-usage on sm_90 builds)
 FWD_CONFIG = {"block_k": 128, "num_warps": 4, "num_stages": 2}
-# key_range: keys per backward pass (0 = one pass over all keys); see sparse_attention_bwd
-BWD_CONFIG = {"block_k": 32, "num_warps": 4, "num_stages": 2, "key_range": 16384}
+# key_range: keys per backward pass (0 = one pass over all keys); dq_rows: query rows whose fp32 dQ accumulator
+# is held at once (0 = all); see sparse_attention_bwd
+BWD_CONFIG = {"block_k": 32, "num_warps": 4, "num_stages": 2, "key_range": 16384, "dq_rows": 16384}
 
 
 @triton.jit
@@ -84,11 +85,12 @@ def _sparse_bwd_kernel(Q, K, V, IDX, SEG, DO, LSE, DELTA, DQ, DK, DV, qk_scale, 
                        sq_b, sq_l, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
                        si_b, si_l, sdo_b, sdo_l, sdo_h, sl_b, sl_l,
                        sdq_b, sdq_l, sdq_h, sdk_b, sdk_l, sdk_h, sg_b, sg_l,
-                       t0, p,
+                       t0, p, dq_row0,
                        G: tl.constexpr, BH: tl.constexpr, D: tl.constexpr, BK: tl.constexpr,
                        IEEE: tl.constexpr, ACC_DQ: tl.constexpr):
-    """Slots SEG[t, p] .. SEG[t, p + 1] of query t's index row (those whose key lies in key range p):
-    dQ of the query (stored, or added to an fp32 buffer when ACC_DQ), dK/dV rows by fp32 atomics."""
+    """Slots SEG[t, p] .. SEG[t, p + 1] of query t = t0 + program's index row (those whose key lies in key range
+    p): dQ of the query (stored, or added to an fp32 buffer when ACC_DQ; DQ holds rows dq_row0 on), dK/dV rows by
+    fp32 atomics."""
     t = (t0 + tl.program_id(0)).to(tl.int64)
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -131,7 +133,7 @@ def _sparse_bwd_kernel(Q, K, V, IDX, SEG, DO, LSE, DELTA, DQ, DK, DV, qk_scale, 
                           sem="relaxed")
             tl.atomic_add(dvbase + ids64[:, None] * sdk_l + offs_d[None, :], dv_c, mask=valid[:, None],
                           sem="relaxed")
-    dq_ptr = DQ + b * sdq_b + t * sdq_l + heads[:, None] * sdq_h + offs_d[None, :]
+    dq_ptr = DQ + b * sdq_b + (t - dq_row0) * sdq_l + heads[:, None] * sdq_h + offs_d[None, :]
     if ACC_DQ:
         if hi > lo:
             tl.store(dq_ptr, tl.load(dq_ptr, mask=hmask[:, None], other=0.0) + dq * sm_scale, mask=hmask[:, None])
@@ -207,8 +209,9 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
     dK/dV are summed with fp32 atomics. Their fp32 accumulators (1 KB per key and KV head) are far larger than L2 at
     long context, so a single pass sends every atomic to DRAM; the work is therefore split into passes over key
     ranges of `key_range` keys (config), each of which only touches accumulators that stay in L2. dQ is then
-    summed over the passes in an fp32 buffer (one owner per row and pass: no atomics). With `split` (as in the
-    forward), the private rows take this path and the tile kernel adds the shared keys' gradients."""
+    summed over the passes in an fp32 buffer (one owner per row and pass: no atomics), held for `dq_rows` rows at
+    a time (config). With `split` (as in the forward), the private rows take this path and the tile kernel adds
+    the shared keys' gradients."""
     cfg = {**BWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -220,26 +223,43 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
     else:
         rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset)
     acc_dq = n_pass > 1 or split is not None
-    dq = torch.zeros(b, lq, hq, d, dtype=torch.float32, device=q.device) if acc_dq else \
-        torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
     dk = torch.zeros(b, lk, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
-    for p in range(n_pass):
-        t0 = 0 if (causal_offset < 0 or n_pass == 1) else max(0, p * cfg["key_range"] - causal_offset)
-        if t0 >= lq:
-            break
-        _sparse_bwd_kernel[(lq - t0, hkv, b)](
-            q, k, v, rows, seg, dout, lse, delta, dq, dk, dv, scale * LOG2E, scale,
+    dq = torch.empty(b, lq, hq, d, dtype=q.dtype, device=q.device)
+
+    def launch(t0: int, t1: int, p: int, dq_buf: torch.Tensor, dq_row0: int) -> None:
+        _sparse_bwd_kernel[(t1 - t0, hkv, b)](
+            q, k, v, rows, seg, dout, lse, delta, dq_buf, dk, dv, scale * LOG2E, scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), rows.stride(0), rows.stride(1),
             dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
-            dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            seg.stride(0), seg.stride(1), t0, p,
+            dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            seg.stride(0), seg.stride(1), t0, p, dq_row0,
             G=g, BH=_block_h(g), D=d, BK=cfg["block_k"], IEEE=q.dtype == torch.float32, ACC_DQ=acc_dq,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    if not acc_dq:  # one pass, no shared keys: each query's dQ is complete in one program
+        launch(0, lq, 0, dq, 0)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+    # dQ summed over the passes (and the shared keys) in fp32, for a block of rows at a time: at 128K tokens a
+    # buffer for every row would take 2 GiB; every row's terms are added in the same order either way
+    block = cfg["dq_rows"] if 0 < cfg["dq_rows"] < lq else lq
     if split is not None:
-        shared_attention_bwd(q, k, v, split, dout, lse, delta, scale, dq, dk, dv)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        block = -(-block // split.block_m) * split.block_m  # whole tiles
+    acc = torch.empty(b, min(block, lq), hq, d, dtype=torch.float32, device=q.device)
+    for r0 in range(0, lq, block):
+        r1 = min(lq, r0 + block)
+        dq_blk = acc[:, :r1 - r0].zero_()
+        for p in range(n_pass):
+            t0 = 0 if (causal_offset < 0 or n_pass == 1) else max(0, p * cfg["key_range"] - causal_offset)
+            if max(t0, r0) >= r1:
+                break
+            launch(max(t0, r0), r1, p, dq_blk, r0)
+        if split is not None:
+            shared_attention_bwd(q, k, v, split, dout, lse, delta, scale, dq_blk, dk, dv,
+                                 tiles=(r0 // split.block_m, -(-r1 // split.block_m)))
+        dq[:, r0:r1] = dq_blk
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
 # Sharing keys within query tiles (`tile_split`): "auto" splits when a backward follows and a probe of
