@@ -196,6 +196,8 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
     dense = dense_times(q, k, v, reps)
     scale = 1 / math.sqrt(D)
     select_ms = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=False), reps)  # streaming selection, bf16
+    # what training uses: rows sorted, which the split and the backward then read in place
+    select_sorted = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=False, sort_rows=True), reps)
     select_fp8 = timeit(lambda: indexer_topk(qi, ki, wi, topk, fp8=True), reps)
     sel = {"L": L, "bf16": select_ms, "fp8": select_fp8,
            "overlap": selection_overlap(indexer_topk(qi, ki, wi, topk, fp8=True),
@@ -209,15 +211,15 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
     rows = []
     for pattern in patterns:
         idx = selection(pattern, L, topk)
-        r = {"L": L, "pattern": pattern, "select": select_ms, **dense}
+        r = {"L": L, "pattern": pattern, "select": select_ms, "select_sorted": select_sorted, **dense}
         r["overlap"] = adjacent_overlap(idx[:, topk:]) if L > topk else 1.0
         t0 = time.perf_counter()
-        split = sa.plan_split(idx)
+        split = sa.plan_split(idx, sorted_rows=True)  # the pattern's rows are sorted, as training's are
         torch.cuda.synchronize()
         r["plan_ms"] = (time.perf_counter() - t0) * 1e3
         if split is not None:  # where the split's time goes, stage by stage (its torch ops)
             SPLIT_STATS["profile"] = True
-            sa.plan_split(idx)
+            sa.plan_split(idx, sorted_rows=True)
             SPLIT_STATS["profile"] = False
             r["split_stages"] = dict(SPLIT_STATS["stage_ms"])
         r["shared"] = split.shared_fraction if split is not None else 0.0
@@ -226,7 +228,7 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
             return sa.sparse_attention_fwd(qt, kt, vt, idx, scale, 0, split=sa.plan_split(idx, share, backward=False))
 
         def fb(share=None, idx=idx):
-            o = sa.sparse_attention(qs, ks, vs, idx, scale, causal_offset=0, share=share)
+            o = sa.sparse_attention(qs, ks, vs, idx, scale, causal_offset=0, share=share, sorted_rows=True)
             o.backward(gs)
             qs.grad = ks.grad = vs.grad = None
 
@@ -237,10 +239,10 @@ def bench_length(L: int, topk: int, patterns: list[str]) -> list[dict]:
             r["tile_rel"] = rel(fwd(ON)[0], fwd(OFF)[0])
         r["perq_fb"] = timeit(lambda f=fb: f(OFF), reps) if split is not None else r["sparse_fb"]
         r["dsa_fwd"] = select_ms + r["sparse_fwd"]
-        r["dsa_fb"] = select_ms + r["sparse_fb"]
+        r["dsa_fb"] = select_sorted + r["sparse_fb"]
 
         def dsa_fb(fb=fb):
-            ix = indexer_topk(qi, ki, wi, topk)  # the selection's memory, then the pattern's attention
+            ix = indexer_topk(qi, ki, wi, topk, sort_rows=True)  # the selection's memory, then the attention
             del ix
             fb()
 
@@ -537,7 +539,8 @@ def main() -> None:
         "chosen); select = indexer + top-k (streaming), on random indexer inputs; sparse = attention over the "
         "pattern's selection (tile sharing auto, its planning included; a forward alone runs per query); "
         "(tile fwd) = forward with the split forced on; (per-query) = sharing off; "
-        "DSA = select + sparse; x = dense / DSA")
+        "DSA = select + sparse (fwd+bwd: the selection with its rows sorted, which the split and the backward read "
+        "in place; its time after each row); x = dense / DSA")
     say(HEADER)
     for L in args.lengths:
         t0 = time.time()
@@ -552,7 +555,8 @@ def main() -> None:
             check = f", tile vs per-query output rel diff {r['tile_rel']:.1e}" if "tile_rel" in r else ""
             if "split_stages" in r:
                 check += "; split stages ms: " + " ".join(f"{k}={v:.1f}" for k, v in r["split_stages"].items())
-            say(row(r) + f"  (split planning {r['plan_ms']:.1f} ms{check}; {time.time() - t0:.0f}s)")
+            say(row(r) + f"  (select with sorted rows {r['select_sorted']:.1f} ms; split planning "
+                f"{r['plan_ms']:.1f} ms{check}; {time.time() - t0:.0f}s)")
         torch.cuda.empty_cache()
     decode_rows = []
     if args.decode_lengths:

@@ -20,7 +20,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("lq,lk,topk", [(64, 64, 16), (300, 1300, 256), (2500, 2500, 2048)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", ["stream", "stream-atomic", "stream-blocks", "chunked"])
+@pytest.mark.parametrize("method", ["stream", "stream-atomic", "stream-blocks", "stream-sorted", "chunked"])
 def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method, monkeypatch):
     import models.dsa.kernels.triton_indexer as ti
     from models.dsa.kernels.triton_indexer import indexer_topk
@@ -31,12 +31,17 @@ def test_indexer_topk_selects_the_best_scores(lq, lk, topk, dtype, method, monke
     if method == "stream-blocks":  # candidate lists for 64 rows at a time: many blocks of rows
         monkeypatch.setattr(ti, "SELECT_MEMORY", 64 * 3 * topk * 8)
         method = "stream"
+    sort_rows = method == "stream-sorted"  # every row ascending, valid-first
+    method = "stream" if sort_rows else method
 
     g = torch.Generator(device="cuda").manual_seed(lq * 7 + lk)
     qi = torch.randn(1, lq, 4, 64, device="cuda", generator=g).to(dtype)
     ki = torch.randn(1, lk, 64, device="cuda", generator=g).to(dtype)
     wi = torch.randn(1, lq, 4, device="cuda", generator=g)
-    idx = indexer_topk(qi, ki, wi, topk, method=method, max_chunk_elems=lk * 128).long()
+    idx = indexer_topk(qi, ki, wi, topk, method=method, max_chunk_elems=lk * 128, sort_rows=sort_rows).long()
+    if sort_rows:
+        key = torch.where(idx >= 0, idx, (1 << 40) + torch.arange(idx.shape[-1], device=idx.device))
+        assert (key[..., 1:] > key[..., :-1]).all()
     s = dsa.indexer_scores_ref(qi.double(), ki.double(), wi.double())[0]
     allowed = allowed_mask(None, 1, lq, lk, s.device)[0]
     kk = min(topk, lk)
@@ -72,11 +77,13 @@ def test_sparse_attention_forward_backward(lq, lk, topk, dtype):
         assert _rel(a, b) < tol
 
 
-@pytest.mark.parametrize("key_range,dq_rows", [(0, 0), (128, 100), (1000, 0)])
-def test_sparse_backward_key_range_passes_match_reference(key_range, dq_rows):
+@pytest.mark.parametrize("key_range,dq_rows,sort_rows", [(0, 0, False), (128, 100, False), (128, 100, True),
+                                                         (1000, 0, False)])
+def test_sparse_backward_key_range_passes_match_reference(key_range, dq_rows, sort_rows):
     """The backward split into passes over key ranges (sorted index rows, dQ summed over passes) gives the
     reference gradients; 128 keys per pass means 11 passes here, with many segments shorter than a block, and
-    dQ summed for 100 rows at a time (the causal offset puts early passes' first rows in later row blocks)."""
+    dQ summed for 100 rows at a time (the causal offset puts early passes' first rows in later row blocks).
+    Rows the selection wrote sorted (`sort_rows`) are read in place, not copied."""
     from models.dsa.kernels.triton_indexer import indexer_topk
     from models.dsa.kernels.triton_sparse_attention import (key_range_segments, sparse_attention_bwd,
                                                              sparse_attention_fwd)
@@ -85,8 +92,9 @@ def test_sparse_backward_key_range_passes_match_reference(key_range, dq_rows):
     lq, lk, topk = 300, 1300, 256
     r = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
     q, k, v = r(1, lq, 32, 128), r(1, lk, 4, 128), r(1, lk, 4, 128)
-    idx = indexer_topk(r(1, lq, 4, 64), r(1, lk, 64), r(1, lq, 4), topk)
-    rows, seg, n_pass = key_range_segments(idx, lk, key_range, lk - lq)
+    idx = indexer_topk(r(1, lq, 4, 64), r(1, lk, 64), r(1, lq, 4), topk, sort_rows=sort_rows)
+    rows, seg, n_pass = key_range_segments(idx, lk, key_range, lk - lq, sorted_rows=sort_rows)
+    assert (rows.data_ptr() == idx.data_ptr()) == (sort_rows or n_pass == 1)
     assert n_pass == (1 if key_range == 0 else -(-lk // key_range))
     if n_pass > 1:  # every valid slot in exactly one segment, each segment inside its key range
         assert torch.equal(seg[..., -1], (idx >= 0).sum(-1).int())
@@ -97,7 +105,7 @@ def test_sparse_backward_key_range_passes_match_reference(key_range, dq_rows):
     out, lse = sparse_attention_fwd(q, k, v, idx, 0.088, lk - lq)
     go = torch.randn_like(out)
     dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, go, 0.088, lk - lq,
-                                      {"key_range": key_range, "dq_rows": dq_rows})
+                                      {"key_range": key_range, "dq_rows": dq_rows}, sorted_rows=sort_rows)
     q64, k64, v64 = (x.double().transpose(1, 2).requires_grad_() for x in (q, k, v))
     ref = sparse_attention_ref(q64, k64, v64, idx.long(), 0.088)
     ref.backward(go.double())

@@ -1,7 +1,8 @@
 """The DSA Triton kernels through Triton's CPU interpreter (TRITON_INTERPRET=1), against the float64 reference.
 
 Where Triton is installed without a GPU (a developer's CPU machine), this checks the kernels' logic - the tile
-path (shared keys merged with the per-query kernel), its backward, and the decode step - before device time is
+path (shared keys merged with the per-query kernel), its backward (several key-range passes and dQ row blocks),
+the decode step (both selections) and the streaming selection (rows sorted or not) - before device time is
 spent; the speed and the bf16 paths are tested on CUDA in `test_dsa_kernels.py`. The interpreter is chosen when
 the kernels are defined, so each check runs in a fresh process. Skipped where Triton is absent (CI). Triton
 3.6's interpreter needs numpy < 2.3 (newer numpy refuses its scalar conversions).
@@ -30,15 +31,18 @@ from models.dsa.patterns import random_selection, structured_selection
 from models.dsa.reference import sparse_attention_ref
 torch.manual_seed(0)
 L, k, D = 160, 32, 16
-# one backward pass with every row's dQ at once; key-range passes with dQ held for 36 rows (40 with tiles of 8)
+# one backward pass with every row's dQ at once; key-range passes with dQ held for 36 rows (40 with tiles of 8),
+# reading the (sorted) index rows in place
 cases = [(idx, mode, passes) for idx in (structured_selection(L, k, window=8, salient_blocks=2, block=4,
                                                               segment=64, n_random=16), random_selection(L, k))
-         for mode in ("on", "off") for passes in ({"key_range": 0, "dq_rows": 0}, {"key_range": 48, "dq_rows": 36})]
+         for mode in ("on", "off") for passes in ({"key_range": 0, "dq_rows": 0, "sorted": False},
+                                                  {"key_range": 48, "dq_rows": 36, "sorted": True})]
 for idx, mode, passes in cases:
-    BWD_CONFIG.update(passes)
+    BWD_CONFIG.update(key_range=passes["key_range"], dq_rows=passes["dq_rows"])
     q, kk, v = torch.randn(1, 4, L, D), torch.randn(1, 2, L, D), torch.randn(1, 2, L, D)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, kk, v))
-    out = sparse_attention(qr, kr, vr, idx, causal_offset=0, share={"mode": mode, "block_m": 8, "min_share": 2})
+    out = sparse_attention(qr, kr, vr, idx, causal_offset=0, share={"mode": mode, "block_m": 8, "min_share": 2},
+                           sorted_rows=passes["sorted"])
     g = torch.randn_like(out)
     out.backward(g)
     q64, k64, v64 = (x.double().requires_grad_() for x in (q, kk, v))
@@ -85,7 +89,29 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("script", [TILE, DECODE], ids=["tile_sharing", "decode_step"])
+SELECT = """
+import math, torch
+import models.dsa as dsa
+from models.dsa.kernels.triton_indexer import indexer_topk
+from models.dsa.reference import allowed_mask
+torch.manual_seed(0)
+lq, topk = 200, 32
+qi, ki, wi = torch.randn(1, lq, 4, 64), torch.randn(1, lq, 64), torch.randn(1, lq, 4)
+s = dsa.indexer_scores_ref(qi.double(), ki.double(), wi.double())[0]
+best = s.masked_fill(~allowed_mask(None, 1, lq, lq, s.device)[0], -math.inf).topk(topk, -1).values
+want = best.masked_fill(best == -math.inf, 0).sum(-1)
+for sort_rows in (False, True):  # the streaming selection, then the same with every row sorted ascending
+    idx = indexer_topk(qi, ki, wi, topk, sort_rows=sort_rows).long()
+    got = torch.gather(s, 1, idx[0].clamp(min=0)).masked_fill(idx[0] < 0, 0).sum(-1)
+    assert ((got - want).abs() / want.abs().clamp_min(1e-9)).max() < 1e-6, sort_rows
+    if sort_rows:
+        key = torch.where(idx >= 0, idx, (1 << 40) + torch.arange(topk))
+        assert (key[..., 1:] > key[..., :-1]).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("script", [TILE, DECODE, SELECT], ids=["tile_sharing", "decode_step", "selection"])
 def test_kernels_in_the_triton_interpreter(script):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)

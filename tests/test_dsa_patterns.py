@@ -76,3 +76,19 @@ def test_tile_split_shares_more_of_structured_than_of_random_selections():
     random = split_tiles(random_selection(10240, 2048, seed=0)[:, 8192:])
     assert structured.shared_fraction > 0.6
     assert random.shared_fraction < 0.3
+
+
+def test_tile_split_of_sorted_rows_skips_the_sort_with_the_same_result():
+    """Rows that come sorted (`sorted_rows`, as `indexer_topk(..., sort_rows=True)` writes them) give the split
+    that the same selection gives in any order, sorted by the split itself."""
+    idx = structured_selection(900, 128, window=32, salient_blocks=4, block=8, segment=256, n_random=64, seed=3)
+    g = torch.Generator().manual_seed(0)
+    n_valid = (idx >= 0).sum(-1)
+    perm = torch.rand(idx.shape, generator=g).masked_fill(idx < 0, 2.0).argsort(-1)  # shuffle the valid slots
+    shuffled = idx.gather(-1, perm)
+    assert torch.equal((shuffled >= 0).sum(-1), n_valid) and not torch.equal(shuffled, idx)
+    a = split_tiles(idx, block_m=8, min_share=2, chunk_tiles=5, sorted_rows=True)
+    b = split_tiles(shuffled, block_m=8, min_share=2, chunk_tiles=5)
+    for field in ("shared_idx", "shared_mask", "shared_count", "private_idx", "private_count"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert (a.shared_pairs, a.total_pairs) == (b.shared_pairs, b.total_pairs)

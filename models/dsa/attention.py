@@ -62,6 +62,11 @@ def _use_kernels(module, q: torch.Tensor, attention_mask) -> bool:
     return ok
 
 
+def _needs_backward(*tensors: torch.Tensor) -> bool:
+    """A backward will follow this attention (training): worth sorting the index rows for it."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _kl(target: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Per-query KL(target || softmax(logits)) over the `valid` slots; target rows sum to 1. -> [B, Lq]."""
     logits = logits.masked_fill(~valid, float("-inf"))
@@ -114,8 +119,9 @@ class DSAAttentionMixin:
             if loss_mode is None:
                 out = self._kernel_forward(q, k, v, qi, ki, wi)
             else:  # the indexer's loss needs every query's top-k
-                idx = kernels.indexer_topk(qi, ki, wi, cfg.topk)
-                out = kernels.sparse_attention(q, k, v, idx, self.scaling, causal_offset=lk - lq)
+                train = _needs_backward(q, k, v)
+                idx = kernels.indexer_topk(qi, ki, wi, cfg.topk, sort_rows=train)
+                out = kernels.sparse_attention(q, k, v, idx, self.scaling, causal_offset=lk - lq, sorted_rows=train)
                 self._sparse_loss(q, k, qi, ki, wi, idx.long(), None)
         else:
             allowed = allowed_mask(attention_mask, b, lq, lk, q.device)
@@ -150,9 +156,10 @@ class DSAAttentionMixin:
             if lq - n_dense == 1:
                 parts.append(kernels.decode_step(qs, k, v, qis, ki, wis, cfg.topk, self.scaling))
             else:
-                idx = kernels.indexer_topk(qis, ki, wis, cfg.topk)
+                train = _needs_backward(q, k, v)  # sorted rows: the backward reads them in place
+                idx = kernels.indexer_topk(qis, ki, wis, cfg.topk, sort_rows=train)
                 parts.append(kernels.sparse_attention(qs, k, v, idx, self.scaling,
-                                                      causal_offset=lk - (lq - n_dense)))
+                                                      causal_offset=lk - (lq - n_dense), sorted_rows=train))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     # -- indexer objectives -------------------------------------------------------------------------------------

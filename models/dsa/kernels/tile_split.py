@@ -76,8 +76,10 @@ def _split_chunk(rows: torch.Tensor, last: torch.Tensor, min_share: int, clock: 
     return shared_keys, bits, private, (members * share).sum()
 
 
-def split_tiles(idx: torch.Tensor, block_m: int = 16, min_share: int = 4, chunk_tiles: int = 1024) -> TileSplit:
-    """idx [B, L, K] int32 valid-first (-1 empty) -> TileSplit (module docstring). block_m <= 31 (int32 masks)."""
+def split_tiles(idx: torch.Tensor, block_m: int = 16, min_share: int = 4, chunk_tiles: int = 1024,
+                sorted_rows: bool = False) -> TileSplit:
+    """idx [B, L, K] int32 valid-first (-1 empty) -> TileSplit (module docstring). block_m <= 31 (int32 masks).
+    sorted_rows: the rows are sorted ascending already (not sorted again)."""
     if not 1 <= block_m <= 31:
         raise ValueError(f"block_m must be in 1..31 (one int32 mask bit per query), got {block_m}")
     b, length, kk = idx.shape
@@ -95,7 +97,9 @@ def split_tiles(idx: torch.Tensor, block_m: int = 16, min_share: int = 4, chunk_
             r0, r1 = t0 * block_m, min(length, t1 * block_m)
             rows = idx[bi, r0:r1]
             clock.mark()
-            rows = torch.where(rows >= 0, rows, _BIG).sort(-1).values
+            rows = torch.where(rows >= 0, rows, _BIG)  # valid-first: the empties move to the sorted end
+            if not sorted_rows:
+                rows = rows.sort(-1).values
             clock.mark("sort rows")
             if r1 - r0 < (t1 - t0) * block_m:  # the last tile is partial: empty rows
                 rows = torch.cat([rows, rows.new_full(((t1 - t0) * block_m - (r1 - r0), kk), _BIG)])

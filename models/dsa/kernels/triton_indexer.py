@@ -210,8 +210,9 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, q_start: int
 
 
 def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_chunk_elems: int,
-                  k_scale: torch.Tensor | None = None) -> None:
-    """Exact top-k of rows [start, end) (each with more than kk candidates) by scoring bounded row blocks."""
+                  k_scale: torch.Tensor | None = None, sort_rows: bool = False) -> None:
+    """Exact top-k of rows [start, end) (each with more than kk candidates) by scoring bounded row blocks; the
+    radix select (bf16) writes each row sorted ascending, torch.topk (fp32) only with sort_rows."""
     b, lq = q.shape[:2]
     lk = k.shape[1]
     off = lk - lq
@@ -225,7 +226,8 @@ def _chunked_rows(q, k, w, idx, start: int, end: int, kk: int, score_dtype, max_
         if score_dtype == torch.bfloat16:
             row_topk_(s, idx, s0, off)
         else:
-            idx[:, s0:s0 + rows] = torch.topk(s, kk, dim=-1, sorted=False).indices.to(torch.int32)
+            top = torch.topk(s, kk, dim=-1, sorted=False).indices.to(torch.int32)
+            idx[:, s0:s0 + rows] = top.sort(-1).values if sort_rows else top
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -268,8 +270,9 @@ def _select_candidates(q, k, w, tau, cnt, cval, cidx, r0: int, r1: int, lk: int,
 
 
 def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_elems: int,
-                 k_scale: torch.Tensor | None = None) -> int:
-    """Exact top-k of rows [start, Lq) by threshold + fused selection; returns how many rows fell back."""
+                 k_scale: torch.Tensor | None = None, sort_rows: bool = False) -> int:
+    """Exact top-k of rows [start, Lq) by threshold + fused selection (each row sorted ascending with
+    sort_rows); returns how many rows fell back."""
     b, lq = q.shape[:2]
     lk = k.shape[1]
     off = lk - lq
@@ -310,7 +313,8 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
             slots = slots_topk32(cval, kk)
         else:
             slots = torch.topk(cval, kk, dim=-1, sorted=False).indices
-        idx[:, r0:r1] = torch.gather(cidx, 2, slots.long())
+        picked = torch.gather(cidx, 2, slots.long())
+        idx[:, r0:r1] = picked.sort(-1).values if sort_rows else picked  # every slot valid: no row is short
     del cval_buf, cidx_buf
     marks.mark("select")
     marks.finish()
@@ -318,7 +322,7 @@ def _stream_rows(q, k, w, idx, start: int, kk: int, sub_stride: int, max_chunk_e
     bad = ((n_gt > cap) | (n_gt + n_eq.clamp(max=kk) < kk)).any(0).nonzero().flatten()
     if bad.numel():
         for r0, r1 in _runs((bad + start).tolist()):
-            _chunked_rows(q, k, w, idx, r0, r1, kk, torch.float32, max_chunk_elems, k_scale)
+            _chunked_rows(q, k, w, idx, r0, r1, kk, torch.float32, max_chunk_elems, k_scale, sort_rows)
     return int(bad.numel())
 
 
@@ -340,14 +344,15 @@ def quantize_fp8(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor):
 
 def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, method: str = "stream",
                  score_dtype: torch.dtype | None = None, max_chunk_elems: int = 1 << 29,
-                 sub_stride: int = 16, fp8: bool | None = None) -> torch.Tensor:
+                 sub_stride: int = 16, fp8: bool | None = None, sort_rows: bool = False) -> torch.Tensor:
     """Top-k key indices per query, causal (queries are the last Lq of the Lk positions).
 
     q [B, Lq, H, d], k [B, Lk, d], w [B, Lq, H] -> idx [B, Lq, min(topk, Lk)] int32 (-1 = empty slot, at row end).
     method: "stream" (default; see the module note) or "chunked". score_dtype (chunked only): storage of the
     scores before selection; default bf16 for bf16/fp16 inputs (radix select, ties within bf16 rounding go to
     the earlier key), else fp32 (`torch.topk`). fp8 (default INDEXER_FP8): score with float8 e4m3 queries and
-    keys (`quantize_fp8`, per-token scales; the exact top-k of the quantised scores).
+    keys (`quantize_fp8`, per-token scales; the exact top-k of the quantised scores). sort_rows: every row sorted
+    ascending (valid-first still), what `sparse_attention(..., sorted_rows=True)` uses in place of sorted copies.
     """
     if method not in ("stream", "chunked"):
         raise ValueError(f"indexer_topk: method must be 'stream' or 'chunked', got {method!r}")
@@ -370,7 +375,8 @@ def indexer_topk(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, topk: int, m
     if INDEXER_FP8 if fp8 is None else fp8:
         q, k, w, k_scale = quantize_fp8(q, k, w)
     if method == "stream":
-        STATS["fallback_rows"] = _stream_rows(q, k, w, idx, n_full, kk, sub_stride, max_chunk_elems, k_scale)
+        STATS["fallback_rows"] = _stream_rows(q, k, w, idx, n_full, kk, sub_stride, max_chunk_elems, k_scale,
+                                              sort_rows)
     else:
-        _chunked_rows(q, k, w, idx, n_full, lq, kk, score_dtype, max_chunk_elems, k_scale)
+        _chunked_rows(q, k, w, idx, n_full, lq, kk, score_dtype, max_chunk_elems, k_scale, sort_rows)
     return idx

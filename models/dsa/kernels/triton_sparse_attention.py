@@ -175,35 +175,45 @@ def sparse_attention_fwd(q, k, v, idx, scale: float, causal_offset: int = -1, co
 
 
 def key_range_segments(idx: torch.Tensor, lk: int, key_range: int, causal_offset: int = -1,
-                       counts: torch.Tensor | None = None):
+                       counts: torch.Tensor | None = None, sorted_rows: bool = False):
     """Split every index row by key range for the backward's passes.
 
     idx [B, Lq, K] int32 -> (rows [B, Lq, K] int32, seg [B, Lq, P + 1] int32, P): pass p handles slots
     seg[..., p] .. seg[..., p + 1] of `rows`, whose keys all lie in [p * key_range, (p + 1) * key_range).
-    With one pass (key_range <= 0 or >= lk) the rows are `idx` itself and its slots [0, n) (n as in the forward);
-    otherwise rows are sorted ascending with empty slots (-1) moved past the last segment. `counts` [B, Lq]: the
-    rows are already sorted and valid-first with counts[t] keys (a `TileSplit`'s private rows): no sort."""
+    With one pass (key_range <= 0 or >= lk) the rows are `idx` itself and its slots [0, n) (n as in the forward).
+    Rows sorted ascending and valid-first (`sorted_rows`, or `counts` [B, Lq] given: counts[t] keys, e.g. a
+    `TileSplit`'s private rows) are used as they are, their segments found a block of rows at a time; otherwise
+    the rows are sorted into a copy with empty slots (-1) moved past the last segment."""
     b, lq, kk = idx.shape
     n_pass = 1 if key_range <= 0 else max(1, -(-lk // key_range))
+    big = torch.iinfo(torch.int32).max
+    if counts is None and (n_pass == 1 or sorted_rows):
+        if causal_offset >= 0:
+            counts = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
+            counts = counts.expand(b, lq)
+        elif sorted_rows:
+            counts = (idx >= 0).sum(-1, dtype=torch.int32)
     if n_pass == 1:
         seg = torch.zeros(b, lq, 2, dtype=torch.int32, device=idx.device)
-        if counts is not None:
-            seg[..., 1] = counts
-        elif causal_offset >= 0:
-            seg[..., 1] = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
-        else:
-            seg[..., 1] = kk
+        seg[..., 1] = kk if counts is None else counts
         return idx, seg, 1
-    rows = torch.where(idx >= 0, idx, torch.iinfo(torch.int32).max)
-    if counts is None:
-        rows = rows.sort(dim=-1).values
     bounds = (torch.arange(n_pass + 1, device=idx.device, dtype=torch.int32) * key_range).clamp(max=lk)
-    seg = torch.searchsorted(rows, bounds.expand(b, lq, n_pass + 1).contiguous(), out_int32=True)
-    return rows, seg, n_pass
+    if counts is None:
+        rows = torch.where(idx >= 0, idx, big).sort(dim=-1).values
+        seg = torch.searchsorted(rows, bounds.expand(b, lq, n_pass + 1).contiguous(), out_int32=True)
+        return rows, seg, n_pass
+    seg = torch.empty(b, lq, n_pass + 1, dtype=torch.int32, device=idx.device)
+    step = max(1, (1 << 25) // max(1, b * kk))  # rows per block: a 128 MiB copy at most
+    for r0 in range(0, lq, step):
+        part = idx[:, r0:r0 + step]
+        part = torch.where(part >= 0, part, big)  # empties (at the row ends) past every bound
+        seg[:, r0:r0 + step] = torch.searchsorted(part, bounds.expand(b, part.shape[1], n_pass + 1).contiguous(),
+                                                  out_int32=True)
+    return idx, seg, n_pass
 
 
 def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offset: int = -1,
-                         config: dict | None = None, split: TileSplit | None = None):
+                         config: dict | None = None, split: TileSplit | None = None, sorted_rows: bool = False):
     """Gradients of `sparse_attention_fwd`: -> dq [B, Lq, Hq, D], dk/dv [B, Lk, Hkv, D] (input dtypes).
 
     dK/dV are summed with fp32 atomics. Their fp32 accumulators (1 KB per key and KV head) are far larger than L2 at
@@ -211,7 +221,8 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
     ranges of `key_range` keys (config), each of which only touches accumulators that stay in L2. dQ is then
     summed over the passes in an fp32 buffer (one owner per row and pass: no atomics), held for `dq_rows` rows at
     a time (config). With `split` (as in the forward), the private rows take this path and the tile kernel adds
-    the shared keys' gradients."""
+    the shared keys' gradients. `sorted_rows`: idx's rows are sorted ascending and valid-first, so the passes
+    read them in place instead of a sorted copy."""
     cfg = {**BWD_CONFIG, **(config or {})}
     b, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
@@ -221,7 +232,7 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
     if split is not None:
         rows, seg, n_pass = key_range_segments(split.private_idx, lk, cfg["key_range"], -1, split.private_count)
     else:
-        rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset)
+        rows, seg, n_pass = key_range_segments(idx, lk, cfg["key_range"], causal_offset, sorted_rows=sorted_rows)
     acc_dq = n_pass > 1 or split is not None
     dk = torch.zeros(b, lk, hkv, d, dtype=torch.float32, device=q.device)
     dv = torch.zeros_like(dk)
@@ -270,9 +281,11 @@ def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offs
 SHARE_CONFIG = {"mode": "auto", "block_m": 16, "min_share": 4, "min_fraction": 0.5, "probe_tiles": 64}
 
 
-def plan_split(idx: torch.Tensor, config: dict | None = None, backward: bool = True) -> TileSplit | None:
+def plan_split(idx: torch.Tensor, config: dict | None = None, backward: bool = True,
+               sorted_rows: bool = False) -> TileSplit | None:
     """The tile split to use for idx [B, Lq, K] under SHARE_CONFIG (or `config`), or None for the per-query path;
-    `backward`: whether a backward pass will reuse it (mode "auto" splits only then)."""
+    `backward`: whether a backward pass will reuse it (mode "auto" splits only then); `sorted_rows`: idx's rows
+    are sorted ascending and valid-first (the split skips sorting them)."""
     cfg = {**SHARE_CONFIG, **(config or {})}
     if cfg["mode"] == "off" or idx.shape[1] < 2 * cfg["block_m"]:
         return None
@@ -282,31 +295,31 @@ def plan_split(idx: torch.Tensor, config: dict | None = None, backward: bool = T
         n_tiles = idx.shape[1] // cfg["block_m"]
         picks = torch.linspace(0, n_tiles - 1, min(n_tiles, cfg["probe_tiles"]), device=idx.device).long()
         rows = (picks[:, None] * cfg["block_m"] + torch.arange(cfg["block_m"], device=idx.device)).reshape(-1)
-        probe = split_tiles(idx[:1, rows], cfg["block_m"], cfg["min_share"])
+        probe = split_tiles(idx[:1, rows], cfg["block_m"], cfg["min_share"], sorted_rows=sorted_rows)
         if probe.shared_fraction < cfg["min_fraction"]:
             return None
     elif cfg["mode"] != "on":
         raise ValueError(f"SHARE_CONFIG mode must be auto, on or off, got {cfg['mode']!r}")
-    return split_tiles(idx, cfg["block_m"], cfg["min_share"])
+    return split_tiles(idx, cfg["block_m"], cfg["min_share"], sorted_rows=sorted_rows)
 
 
 class _SparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, idx, scale, causal_offset, share):
-        split = plan_split(idx, share, backward=any(ctx.needs_input_grad[:3]))
+    def forward(ctx, q, k, v, idx, scale, causal_offset, share, sorted_rows):
+        split = plan_split(idx, share, backward=any(ctx.needs_input_grad[:3]), sorted_rows=sorted_rows)
         out, lse = sparse_attention_fwd(q, k, v, idx, scale, causal_offset, split=split)
         # with a split the backward reads its lists, not idx ([B, Lq, K] int32: 1 GiB at 128K tokens)
         ctx.save_for_backward(q, k, v, idx if split is None else idx[:, :0], out, lse)
-        ctx.scale, ctx.causal_offset, ctx.split = scale, causal_offset, split
+        ctx.scale, ctx.causal_offset, ctx.split, ctx.sorted_rows = scale, causal_offset, split, sorted_rows
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, idx, out, lse = ctx.saved_tensors
         dq, dk, dv = sparse_attention_bwd(q, k, v, idx, out, lse, dout, ctx.scale, ctx.causal_offset,
-                                          split=ctx.split)
+                                          split=ctx.split, sorted_rows=ctx.sorted_rows)
         ctx.split = None
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _d_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -314,13 +327,16 @@ def _d_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
-                     scale: float | None = None, causal_offset: int = -1, share: dict | None = None) -> torch.Tensor:
+                     scale: float | None = None, causal_offset: int = -1, share: dict | None = None,
+                     sorted_rows: bool = False) -> torch.Tensor:
     """Differentiable sparse attention. q [B, Hq, Lq, D], k/v [B, Hkv, Lk, D] (the transformers layout),
     idx [B, Lq, K] (-1 = empty) -> out [B, Lq, Hq, D]. causal_offset >= 0 promises valid-first index rows
     holding at most t + causal_offset + 1 valid slots (what `indexer_topk` produces) so the kernels skip the rest.
-    `share` overrides SHARE_CONFIG keys (tile sharing of keys between neighbouring queries; same result)."""
+    `share` overrides SHARE_CONFIG keys (tile sharing of keys between neighbouring queries; same result).
+    `sorted_rows` promises rows sorted ascending and valid-first (`indexer_topk(..., sort_rows=True)`): the tile
+    split and the backward use them in place instead of sorting a copy (1 GiB at 128K tokens)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     idx = idx.to(torch.int32).contiguous()
     qt, kt, vt = (_d_contiguous(x.transpose(1, 2)) for x in (q, k, v))
-    return _SparseAttention.apply(qt, kt, vt, idx, float(scale), int(causal_offset), share)
+    return _SparseAttention.apply(qt, kt, vt, idx, float(scale), int(causal_offset), share, bool(sorted_rows))
