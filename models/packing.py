@@ -241,8 +241,12 @@ class SharedPromptBatch:
         return kwargs
 
     def predicting_states(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`hidden [1, L, H]` -> `[B, T, H]`: the state that predicts each response token (garbage where masked)."""
-        return hidden[0][self.predict_index]
+        """`hidden [1, L, H]` -> `[B, T, H]`: the state that predicts each response token (garbage where masked).
+        Positions repeat (a group's responses all start from the prompt's last state; masked slots read 0), so the
+        backward sums several gradients into one row: `index_select`'s backward adds them in a fixed order, while
+        advanced indexing's adds them with CPU threads racing, and runs of one config came out different."""
+        b, t = self.predict_index.shape
+        return hidden[0].index_select(0, self.predict_index.reshape(-1)).view(b, t, hidden.shape[-1])
 
     def response_tokens(self) -> torch.Tensor:
         """The response token ids `[B, T]` (0 where the mask is 0)."""

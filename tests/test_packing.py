@@ -166,6 +166,34 @@ def test_packed_logprobs_equal_padded(any_tokenizer, family, video):
     assert torch.equal(shared.topk_ids * mask[..., None].long(), padded.topk_ids * mask[..., None].long())
 
 
+def test_packed_states_backward_sums_in_a_fixed_order(project_tokenizer):
+    """The states that predict a packed batch's response tokens repeat positions (every response of a group starts
+    from the prompt's last state; masked slots read position 0), so their backward sums several gradients into
+    one row. It must do so in the same order every time: with two CPU threads, advanced indexing's racing adds
+    gave a different sum on some runs, and two runs of one Context-RL config ended with different weights."""
+    renderer = ChatRenderer(project_tokenizer, vision_layout(_model("qwen3_moe", project_tokenizer)))
+    prompts, responses, keys = _groups(project_tokenizer, renderer, False, sizes=(16, 16))
+    batch = pack_shared(prompts, responses, keys, response_len=48)
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(1, batch.input_ids.shape[1], 512, generator=gen).requires_grad_()
+    upstream = torch.randn(*batch.predict_index.shape, 512, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(8):
+            hidden.grad = None
+            batch.predicting_states(hidden).backward(upstream)
+            grads.append(hidden.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    want = torch.zeros_like(hidden[0])  # the sum, each row's terms added in order
+    want.index_add_(0, batch.predict_index.reshape(-1), upstream.reshape(-1, 512))
+    for g in grads:
+        assert torch.equal(g[0], grads[0][0])
+    torch.testing.assert_close(grads[0][0], want, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("video", [True, False])
 def test_packed_gradients_equal_padded(project_tokenizer, video):
     """A loss over every read log-prob: the prompt's one copy gets the gradients of all its responses."""
