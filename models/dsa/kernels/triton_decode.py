@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E
+from .triton_common import LOG2E, _decode_keys, _decode_query
 from .triton_decode_radix import radix_decode_select
 from .triton_sparse_attention import _block_h, _sparse_fwd_kernel
 
@@ -35,20 +35,9 @@ def _decode_score_kernel(Q, K, W, KEYS, sq_b, sq_h, sk_b, sk_l, sw_b, skey_b, n_
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     cols = pid * BN + tl.arange(0, BN)
-    offs_h = tl.arange(0, HP)
-    offs_d = tl.arange(0, D)
     inb = cols < n_keys
-    kblk = tl.load(K + b * sk_b + cols[:, None].to(tl.int64) * sk_l + offs_d[None, :], mask=inb[:, None], other=0.0)
-    q = tl.load(Q + b * sq_b + offs_h[:, None] * sq_h + offs_d[None, :], mask=offs_h[:, None] < H, other=0.0)
-    w = tl.load(W + b * sw_b + offs_h, mask=offs_h < H, other=0.0)
-    if IEEE:
-        s = tl.dot(kblk, tl.trans(q), input_precision="ieee")
-    else:
-        s = tl.dot(kblk, tl.trans(q))
-    score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)  # [BN]
-    score = tl.where(score == 0.0, 0.0, score)  # -0.0 (all-zero terms, negative weights) ties with +0.0
-    bits = score.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
+    q, w = _decode_query(Q, W, b, sq_b, sq_h, sw_b, H, HP, D)
+    ordered = _decode_keys(q, w, K, b, sk_b, sk_l, cols, inb, D, IEEE)
     key = (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))
     tl.store(KEYS + b * skey_b + cols, key, mask=inb)
 

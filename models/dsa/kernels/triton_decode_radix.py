@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_common import _decode_keys, _decode_query
+
 # chunk: keys per program of passes 1-2; block_n: keys per step inside it; block: candidates per step of pass 3
 RADIX_CONFIG = {"chunk": 1024, "block_n": 256, "block": 2048, "num_warps": 4}
 _BINS1 = 4096  # top 12 bits of the 32-bit key
@@ -39,26 +41,14 @@ def _score_hist_kernel(Q, K, W, U, HIST, sq_b, sq_h, sk_b, sk_l, sw_b, su_b, sh_
                        IEEE: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_h = tl.arange(0, HP)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + offs_h[:, None] * sq_h + offs_d[None, :], mask=offs_h[:, None] < H, other=0.0)
-    w = tl.load(W + b * sw_b + offs_h, mask=offs_h < H, other=0.0)
+    q, w = _decode_query(Q, W, b, sq_b, sq_h, sw_b, H, HP, D)
     hist = tl.zeros([4096], tl.int32)
     start = pid * chunk
     end = tl.minimum(start + chunk, n_keys)
     for c0 in range(start, end, BN):
         cols = c0 + tl.arange(0, BN)
         inb = cols < end
-        kblk = tl.load(K + b * sk_b + cols[:, None].to(tl.int64) * sk_l + offs_d[None, :], mask=inb[:, None],
-                       other=0.0)
-        if IEEE:
-            s = tl.dot(kblk, tl.trans(q), input_precision="ieee")
-        else:
-            s = tl.dot(kblk, tl.trans(q))
-        score = tl.sum(tl.maximum(s, 0.0) * w[None, :], 1)  # [BN]
-        score = tl.where(score == 0.0, 0.0, score)  # -0.0 ties with +0.0
-        bits = score.to(tl.int32, bitcast=True)
-        ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # float order as signed int order
+        ordered = _decode_keys(q, w, K, b, sk_b, sk_l, cols, inb, D, IEEE)
         tl.store(U + b * su_b + cols, ordered, mask=inb)
         hist += tl.histogram((_unsigned(ordered) >> 20).to(tl.int32), 4096, mask=inb)
     tl.atomic_add(HIST + b * sh_b + tl.arange(0, 4096), hist, mask=hist > 0, sem="relaxed")

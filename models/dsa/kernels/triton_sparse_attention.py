@@ -186,30 +186,26 @@ def key_range_segments(idx: torch.Tensor, lk: int, key_range: int, causal_offset
     the rows are sorted into a copy with empty slots (-1) moved past the last segment."""
     b, lq, kk = idx.shape
     n_pass = 1 if key_range <= 0 else max(1, -(-lk // key_range))
-    big = torch.iinfo(torch.int32).max
-    if counts is None and (n_pass == 1 or sorted_rows):
-        if causal_offset >= 0:
-            counts = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
-            counts = counts.expand(b, lq)
-        elif sorted_rows:
-            counts = (idx >= 0).sum(-1, dtype=torch.int32)
     if n_pass == 1:
         seg = torch.zeros(b, lq, 2, dtype=torch.int32, device=idx.device)
-        seg[..., 1] = kk if counts is None else counts
+        if counts is not None:
+            seg[..., 1] = counts
+        elif causal_offset >= 0:
+            seg[..., 1] = (torch.arange(lq, device=idx.device, dtype=torch.int32) + causal_offset + 1).clamp(max=kk)
+        else:
+            seg[..., 1] = kk
         return idx, seg, 1
+    big = torch.iinfo(torch.int32).max
+    rows = idx if (counts is not None or sorted_rows) else torch.where(idx >= 0, idx, big).sort(dim=-1).values
     bounds = (torch.arange(n_pass + 1, device=idx.device, dtype=torch.int32) * key_range).clamp(max=lk)
-    if counts is None:
-        rows = torch.where(idx >= 0, idx, big).sort(dim=-1).values
-        seg = torch.searchsorted(rows, bounds.expand(b, lq, n_pass + 1).contiguous(), out_int32=True)
-        return rows, seg, n_pass
     seg = torch.empty(b, lq, n_pass + 1, dtype=torch.int32, device=idx.device)
     step = max(1, (1 << 25) // max(1, b * kk))  # rows per block: a 128 MiB copy at most
     for r0 in range(0, lq, step):
-        part = idx[:, r0:r0 + step]
+        part = rows[:, r0:r0 + step]
         part = torch.where(part >= 0, part, big)  # empties (at the row ends) past every bound
         seg[:, r0:r0 + step] = torch.searchsorted(part, bounds.expand(b, part.shape[1], n_pass + 1).contiguous(),
                                                   out_int32=True)
-    return idx, seg, n_pass
+    return rows, seg, n_pass
 
 
 def sparse_attention_bwd(q, k, v, idx, out, lse, dout, scale: float, causal_offset: int = -1,
