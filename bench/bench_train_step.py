@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 import tempfile
 import time
@@ -31,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import fused_rms_norm  # noqa: E402
 
 
 def word_tokenizer(vocab: int, folder: Path):
@@ -60,7 +63,7 @@ def job_config(args, tokenizer_dir: Path):
     cfg.teachers = []
     cfg.algorithm.advantage, cfg.algorithm.policy_loss, cfg.algorithm.mismatch = "grpo", "gspo", "none"
     cfg.optim.lr, cfg.optim.grad_clip = 1e-5, 1.0
-    cfg.trainer = TrainerConfig(micro_batch_size=1, activation_checkpointing=args.checkpointing)
+    cfg.trainer = TrainerConfig(micro_batch_size=1, activation_checkpointing=args.checkpointing[0])
     return cfg
 
 
@@ -123,7 +126,7 @@ def reference_step(args, cfg, tokenizer, device, rollouts):
 
     model, _ = build_student(cfg, tokenizer, device=device)
     model.train()
-    enable_checkpointing(model, checkpointing_mode(args.checkpointing, device))
+    enable_checkpointing(model, checkpointing_mode(args.checkpointing[0], device))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                             fused=device.type == "cuda" or None)
     batch = pack(rollouts.prompts, rollouts.unpadded_responses(), tokenizer.pad_token_id).to(device)
@@ -192,6 +195,12 @@ def report(row, args, device) -> None:
     print(f"  {length} tokens, {label}: {t:.3f} s, {length / t:,.0f} tokens/s, peak {peak:.2f} GiB", flush=True)
 
 
+def variant_tag(args, **values: str) -> str:
+    """' [checkpointing=selective]': the options given several values, as this row ran them ('' for none)."""
+    varied = [f"{key}={value}" for key, value in values.items() if len(getattr(args, key)) > 1]
+    return f" [{', '.join(varied)}]" if varied else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU-sized smoke run")
@@ -199,7 +208,12 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak", type=float, default=790e12, help="dense bf16 FLOP/s of the device")
-    parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "selective", "off"])
+    parser.add_argument("--checkpointing", nargs="+", default=["auto"], choices=["auto", "on", "selective", "off"],
+                        help="trainer.activation_checkpointing values (one pair of rows each; the reference takes "
+                             "the first)")
+    parser.add_argument("--fused-norms", nargs="+", default=["on"], choices=["on", "off"],
+                        help="the student's RMSNorms as Triton kernels (models/fused_rms_norm.py) or transformers' "
+                             "ops (one pair of rows each)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--attention", nargs="+", default=["auto"],
                         help="model.attention values to run the policy rows with (one pair of rows each)")
@@ -230,9 +244,11 @@ def main() -> int:
                 rows.append((length, "reference (HF + full log-softmax)", t, peak, flops))
                 report(rows[-1], args, device)
                 free(device)
-            for attention in args.attention:
-                cfg.model.attention = attention
-                tag = "" if args.attention == ["auto"] else f" [{attention}]"
+            for attention, checkpointing, fused in itertools.product(args.attention, args.checkpointing,
+                                                                   args.fused_norms):
+                cfg.model.attention, cfg.trainer.activation_checkpointing = attention, checkpointing
+                fused_rms_norm.USE_TRITON = None if fused == "on" else False
+                tag = variant_tag(args, attention=attention, checkpointing=checkpointing, fused_norms=fused)
                 (t, peak), (t_all, peak_all) = policy_steps(args, cfg, device, rollouts)
                 rows.append((length, f"ours{tag}: update", t, peak, flops))
                 rows.append((length, f"ours{tag}: pi_old + update + weight sync", t_all, peak_all, flops * 4 / 3))

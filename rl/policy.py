@@ -30,6 +30,7 @@ import torch.distributed as dist
 from models.batching import pack
 from models.checkpointing import checkpointing_mode, enable_checkpointing
 from models.dsa import is_dsa_model
+from models.fused_rms_norm import use_fused_rms_norm
 from models.moe_experts import use_permute_experts
 from models.packing import budget_batches, pack_shared, resolve_attention, set_attention
 from models.policy_head import LogprobModel, ResponseLogprobs, decoder_layers
@@ -98,6 +99,7 @@ class PolicyWorker:
         self.lm = lm
         set_attention(lm, resolve_attention(cfg.model.attention, self.device, self._shared_prompt(), is_dsa_model(lm)))
         use_permute_experts(lm)  # MoE token permutations' backward as gathers, not scatter-adds
+        use_fused_rms_norm(lm)  # one kernel per norm and direction on CUDA
         self.mixed = mixed_precision(cfg.trainer.precision, self.device)
         enable_checkpointing(lm, checkpointing_mode(cfg.trainer.activation_checkpointing, self.device))
         self.module = LogprobModel(lm, cfg.model.dsa.stage)
