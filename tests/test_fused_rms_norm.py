@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-from models.factory import TinyModelSpec, build_model
 from models.fused_rms_norm import FORMULA_CLASSES, _FusedRMSNorm, fused_rms_norm, use_fused_rms_norm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +53,9 @@ def test_fused_function_passes_gradcheck():
 def test_student_norms_switched_and_cpu_outputs_unchanged(project_tokenizer):
     """Every decoder norm (input, post-attention, query, key) and the final norm get the fused forward; on the
     CPU that forward is transformers' own, so the model's logits are bit-identical."""
+    from conftest import TINY  # (imported here: the GPU image lacks what conftest needs, and the CUDA tests don't)
+    from models.factory import TinyModelSpec, build_model
+
     torch.manual_seed(0)
     model = build_model(TinyModelSpec(family="qwen3_moe", **dict(TINY, num_layers=2)), project_tokenizer, seed=1)
     ids = torch.randint(0, 500, (2, 12))
