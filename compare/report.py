@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compare.score import build_summary, format_table, mean_std
+from compare.score import build_summary, format_table, leader_verdict, mean_std
 from compare.runner import STUDENT, TEACHERS
 
 
@@ -52,10 +52,12 @@ def write_report(cmp, student: dict[str, float], teacher: dict[str, float], trai
     for name, note in (notes or {}).items():
         labels[name] += f" ({note})"
     table = format_table(summary, labels)
-    (out / "table.md").write_text(table + "\n")
+    verdict = leader_verdict(summary, [n for n in order if n not in (STUDENT, TEACHERS)], labels)
+    (out / "table.md").write_text(f"{table}\n\n{verdict}\n")
     seeds = len(next(iter(trained.values()), []))
     log(f"\n[compare] held-out reward per domain and normalized score (mean ± std over {seeds} seed(s)):")
     log(table)
+    log(verdict)
     plots = plot_curves(cmp, student, teacher, trained, out / "plots")
     log(f"\nsummary: {out / 'summary.json'}\nplots:   {', '.join(str(p) for p in plots)}")
     return summary

@@ -13,7 +13,8 @@ import yaml
 from cli.main import main
 from compare.plan import load_plan
 from compare.runner import run_compare
-from compare.score import build_summary, domain_gap_closed, format_table, mean_std, normalized_score
+from compare.score import (build_summary, domain_gap_closed, format_table, leader_verdict, mean_std,
+                           normalized_score)
 from rl.config_loader import ConfigError
 
 # ---------------------------------------------------------------------- arithmetic
@@ -51,6 +52,25 @@ def test_summary_schema_and_seed_statistics():
     assert summary["methods"]["merge"] == {"normalized": None, "normalized_std": None, "domains": {}}
     table = format_table(summary)
     assert "| m | 0.750 ± 0.354 |" in table and "| merge | n/a | n/a | n/a |" in table
+
+
+def test_leader_verdict_compares_the_margin_with_the_seeds_spread():
+    """The first method leads 'by more than the spread' only if its margin over every other method exceeds the
+    larger of the two standard deviations; the line names the closest competitor."""
+    def summary(rows):
+        return {"methods": {n: {"normalized": m, "normalized_std": s, "domains": {}} for n, m, s in rows}}
+
+    clear = summary([("a", 0.99, 0.005), ("b", 0.95, 0.02), ("c", 0.5, 0.1), ("merge", None, None)])
+    line = leader_verdict(clear, ["a", "b", "c", "merge"], {"a": "MOPD"})
+    assert line.startswith("first: MOPD 0.990 ± 0.005;") and "spread: yes" in line
+    assert "closest: b 0.950 ± 0.020, margin 0.040 against spread 0.020" in line
+    close = summary([("a", 0.99, 0.005), ("b", 0.98, 0.02)])
+    assert "spread: no (closest: b" in leader_verdict(close, ["a", "b"])
+    # the hardest competitor is the one whose margin is smallest against its spread, not the runner-up
+    tricky = summary([("a", 0.99, 0.0), ("b", 0.97, 0.001), ("c", 0.9, 0.2)])
+    assert "spread: no (closest: c" in leader_verdict(tricky, ["a", "b", "c"])
+    one_seed = summary([("a", 0.99, 0.0), ("b", 0.98, 0.0)])
+    assert "spread: yes (one seed: no spread measured)" in leader_verdict(one_seed, ["a", "b"])
 
 
 # ---------------------------------------------------------------------- the toy comparison
@@ -126,6 +146,8 @@ def test_toy_comparison_runs_every_method_and_caches(workspace, tmp_path):
     written = sorted(p.name for p in (out / "configs").iterdir())
     assert "s0_mopd.yaml" in written and not any(n.startswith("check_") for n in written)
     assert (out / "table.md").read_text().startswith("| method | normalized |")
+    verdict = (out / "table.md").read_text().strip().splitlines()[-1]  # the leader among the methods, not teachers
+    assert verdict.startswith("first: ") and verdict in lines and "each teacher" not in verdict
     # teachers, mix_rl's two learning rates (the chosen one is its seed-0 run), mopd, cascade, off-policy
     assert sum("training ->" in line for line in lines) == 2 + 2 + 1 + 2 + 1
     chosen = json.loads((out / "mix_rl_lr_selection.json").read_text())
