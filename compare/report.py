@@ -52,7 +52,8 @@ def write_report(cmp, student: dict[str, float], teacher: dict[str, float], trai
     for name, note in (notes or {}).items():
         labels[name] += f" ({note})"
     table = format_table(summary, labels)
-    verdict = leader_verdict(summary, [n for n in order if n not in (STUDENT, TEACHERS)], labels)
+    kinds = {n: m.kind for n, m in cmp.plan.methods.items()}
+    verdict = leader_verdict(summary, [n for n in order if n not in (STUDENT, TEACHERS)], labels, kinds)
     (out / "table.md").write_text(f"{table}\n\n{verdict}\n")
     seeds = len(next(iter(trained.values()), []))
     log(f"\n[compare] held-out reward per domain and normalized score (mean ± std over {seeds} seed(s)):")

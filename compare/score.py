@@ -107,23 +107,29 @@ def format_table(summary: Mapping[str, Any], labels: Mapping[str, str] | None = 
     return "\n".join(lines)
 
 
-def leader_verdict(summary: Mapping[str, Any], candidates: Sequence[str],
-                   labels: Mapping[str, str] | None = None) -> str:
-    """One line: the first of `candidates` by mean normalized score, and whether it leads every other candidate
-    by more than the seeds' spread (its margin over each exceeds the larger of the two standard deviations)."""
+def leader_verdict(summary: Mapping[str, Any], candidates: Sequence[str], labels: Mapping[str, str] | None = None,
+                   kinds: Mapping[str, str] | None = None) -> str:
+    """One line: the first of `candidates` by mean normalized score, and whether it leads every other method by
+    more than the seeds' spread (its margin over each exceeds the larger of the two standard deviations). With
+    `kinds` (method -> kind), the leader is measured against the methods of other kinds only: variants of one
+    method (MOPD at two temperatures) are not each other's alternatives."""
     methods = summary["methods"]
     scored = [(n, methods[n]["normalized"], methods[n]["normalized_std"] or 0.0) for n in candidates
               if n in methods and methods[n]["normalized"] is not None]
-    if len(scored) < 2:
-        return "first: fewer than two methods scored"
     scored.sort(key=lambda row: -row[1])
+    if not scored:
+        return "first: no method scored"
     name = (labels or {}).get
-    (first, mean, std), rest = scored[0], scored[1:]
+    (first, mean, std) = scored[0]
+    rest = [row for row in scored[1:] if kinds is None or kinds.get(row[0]) != kinds.get(first)]
+    if not rest:
+        return f"first: {name(first, first)} {_pm(mean, std)}; no method of another kind scored"
     clear = all(mean - m > max(std, s) for _, m, s in rest)
     other, m, s = min(rest, key=lambda row: (mean - row[1]) - max(std, row[2]))
     verdict = "yes" if clear else "no"
     if std == 0 and all(s == 0 for _, _, s in rest):
         verdict += " (one seed: no spread measured)"
-    return (f"first: {name(first, first)} {_pm(mean, std)}; ahead of every other method by more than the seeds' "
-            f"spread: {verdict} (closest: {name(other, other)} {_pm(m, s)}, margin {mean - m:.3f} against spread "
+    against = "every method of another kind" if kinds is not None else "every other method"
+    return (f"first: {name(first, first)} {_pm(mean, std)}; ahead of {against} by more than the seeds' spread: "
+            f"{verdict} (closest: {name(other, other)} {_pm(m, s)}, margin {mean - m:.3f} against spread "
             f"{max(std, s):.3f})")

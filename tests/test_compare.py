@@ -71,6 +71,12 @@ def test_leader_verdict_compares_the_margin_with_the_seeds_spread():
     assert "spread: no (closest: c" in leader_verdict(tricky, ["a", "b", "c"])
     one_seed = summary([("a", 0.99, 0.0), ("b", 0.98, 0.0)])
     assert "spread: yes (one seed: no spread measured)" in leader_verdict(one_seed, ["a", "b"])
+    # with kinds, a variant of the leader's own method is not a competitor
+    variants = summary([("mopd_a", 0.99, 0.005), ("mopd_b", 0.985, 0.01), ("ft", 0.9, 0.02)])
+    kinds = {"mopd_a": "mopd", "mopd_b": "mopd", "ft": "offpolicy_ft"}
+    line = leader_verdict(variants, list(kinds), kinds=kinds)
+    assert "ahead of every method of another kind by more than the seeds' spread: yes (closest: ft" in line
+    assert "spread: no (closest: mopd_b" in leader_verdict(variants, list(kinds))
 
 
 # ---------------------------------------------------------------------- the toy comparison
