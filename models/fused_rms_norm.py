@@ -13,6 +13,7 @@ where transformers rounds x_hat to x's dtype before the weight multiply: the two
 from __future__ import annotations
 
 import functools
+import os
 import types
 
 import torch
@@ -80,8 +81,6 @@ class _FusedRMSNorm(torch.autograd.Function):
 
 def _interpreted() -> bool:
     """Triton's CPU interpreter is on (tests of the kernels without a GPU)."""
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
