@@ -12,12 +12,13 @@ where transformers rounds x_hat to x's dtype before the weight multiply: the two
 
 from __future__ import annotations
 
-import functools
 import os
 import types
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from models.optional_kernels import kernels_module
 
 # None: the Triton kernels on CUDA tensors when Triton imports; False: transformers' forward always (benchmarks)
 USE_TRITON: bool | None = None
@@ -27,14 +28,12 @@ USE_TRITON: bool | None = None
 FORMULA_CLASSES = ("Qwen3MoeRMSNorm", "Qwen3RMSNorm", "Qwen2RMSNorm", "Qwen3VLMoeTextRMSNorm", "Qwen3VLTextRMSNorm")
 
 
-@functools.cache
-def _triton_kernels():
-    """`models.rms_norm_triton`, or None where Triton does not import (tried once)."""
-    try:
-        from models import rms_norm_triton
-    except ImportError:
+def _kernels(t: torch.Tensor):
+    """`models.rms_norm_triton` for tensor t (on CUDA, or any tensor under Triton's CPU interpreter, which the
+    kernel tests use), or None: the torch ops of `_torch_forward` / `_torch_backward`."""
+    if USE_TRITON is False or not (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return None
-    return rms_norm_triton
+    return kernels_module("rms_norm_triton")
 
 
 def _torch_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -59,11 +58,11 @@ class _FusedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        rows, weight = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
-        kernels = _triton_kernels() if (x.is_cuda or _interpreted()) else None
+        kernels = _kernels(x)
         run = kernels.rms_norm_forward if kernels else _torch_forward
-        y, rstd = run(rows, weight.contiguous(), float(eps), out_dtype)
+        y, rstd = run(rows, weight, float(eps), out_dtype)
         ctx.save_for_backward(rows, weight, rstd)
         ctx.x_shape = x.shape
         return y.view(x.shape)
@@ -73,15 +72,10 @@ class _FusedRMSNorm(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         rows, weight, rstd = ctx.saved_tensors
         dy = dy.reshape(rows.shape).contiguous()
-        kernels = _triton_kernels() if (rows.is_cuda or _interpreted()) else None
+        kernels = _kernels(rows)
         run = kernels.rms_norm_backward if kernels else _torch_backward
-        dx, dw = run(rows, weight.contiguous(), rstd, dy)
+        dx, dw = run(rows, weight, rstd, dy)
         return dx.view(ctx.x_shape), dw.to(weight.dtype), None
-
-
-def _interpreted() -> bool:
-    """Triton's CPU interpreter is on (tests of the kernels without a GPU)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,7 +84,7 @@ def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 
 def _forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    if hidden_states.is_cuda and USE_TRITON is not False and _triton_kernels() is not None:
+    if hidden_states.is_cuda and _kernels(hidden_states) is not None:
         return fused_rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return type(self).forward(self, hidden_states)
 

@@ -21,9 +21,9 @@ Registered in transformers' experts interface; a model switches with `set_expert
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from models.optional_kernels import kernels_module
 
 GROUPED_MM_PERMUTE = "grouped_mm_permute"
 
@@ -31,21 +31,11 @@ GROUPED_MM_PERMUTE = "grouped_mm_permute"
 USE_TRITON: bool | None = None
 
 
-@functools.cache
-def _triton_kernels():
-    """`models.moe_gather_triton`, or None where Triton does not import (tried once, not on every MoE call)."""
-    try:
-        from models import moe_gather_triton
-    except ImportError:
-        return None
-    return moe_gather_triton
-
-
 def _triton(t: torch.Tensor):
     """The Triton kernels module if they serve tensor `t`, else None."""
     if USE_TRITON is False or not t.is_cuda:
         return None
-    return _triton_kernels()
+    return kernels_module("moe_gather_triton")
 
 
 def expand_rows(x: torch.Tensor, perm: torch.Tensor, k: int) -> torch.Tensor:
